@@ -1,0 +1,105 @@
+"""The step loop: schedule a batch, run it, fold the sampled tokens back into the requests."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from nanovllm.config import EngineConfig
+from nanovllm.engine.kv_manager import KVCacheManager
+from nanovllm.engine.request import Request, RequestStatus
+from nanovllm.engine.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineCoreOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    num_steps: int = 0
+    num_prompt_tokens: int = 0  # prompt tokens computed (cache hits excluded, recomputation included)
+    num_generated_tokens: int = 0
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens served from it
+    step_time_s: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, executor: object) -> None:
+        self.config = config
+        self.executor = executor
+        self.kv = KVCacheManager(executor.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len
+        )
+        self.stats = EngineStats()
+
+    @property
+    def num_kv_pages(self) -> int:
+        return self.kv.num_pages
+
+    def check_fits(self, request: Request) -> None:
+        """A request that could never fit in the pool would wait forever: refuse it up front."""
+        needed = self.kv.pages_for(request.num_prompt_tokens + request.max_tokens)
+        if needed > self.kv.num_pages:
+            raise ValueError(
+                f"the prompt ({request.num_prompt_tokens} tokens) plus max_tokens ({request.max_tokens}) needs "
+                f"{needed} KV pages, but the whole pool has {self.kv.num_pages} "
+                f"({self.kv.num_pages * self.config.block_size} tokens)"
+            )
+
+    def add_request(self, request: Request) -> None:
+        self.check_fits(request)
+        self.scheduler.add_request(request)
+
+    def abort_request(self, request_id: str) -> None:
+        self.scheduler.abort_request(request_id)
+
+    def finish_request(self, request_id: str, stop_reason: str) -> None:
+        """A stop string was found by the front end."""
+        self.scheduler.finish_request(request_id, RequestStatus.FINISHED_STOPPED, stop_reason)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[EngineCoreOutput]:
+        start = time.perf_counter()
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        sampled = self.executor.execute(sched)
+        updated = self.scheduler.update(sched, sampled)
+        self._count(sched, len(updated))
+        self.stats.step_time_s += time.perf_counter() - start
+        return [
+            EngineCoreOutput(
+                request_id=r.request_id,
+                new_token_ids=[r.token_ids[-1]],
+                finish_reason=r.status.value if r.is_finished else None,
+                stop_reason=r.stop_reason,
+                num_cached_tokens=max(r.num_cached_tokens, 0),
+            )
+            for r in updated
+        ]
+
+    def _count(self, sched: object, num_generated: int) -> None:
+        stats = self.stats
+        stats.num_steps += 1
+        stats.num_generated_tokens += num_generated
+        stats.num_preemptions = self.scheduler.num_preemptions
+        for chunk in sched.chunks:
+            if chunk.start < chunk.request.num_prompt_tokens:
+                stats.num_prompt_tokens += min(chunk.num_tokens, chunk.request.num_prompt_tokens - chunk.start)
+
+    def kv_usage(self) -> float:
+        return self.kv.allocator.num_used / self.kv.num_pages

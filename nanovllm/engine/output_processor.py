@@ -1,0 +1,154 @@
+"""Front-end bookkeeping: engine-core token outputs in, user-facing ``RequestOutput``s out.
+
+A user request with ``n`` samples is ``n`` engine requests (``{id}#{i}``) gathered back into one output here.
+Stop strings are found here, after detokenization; the engine core is then told to finish that request.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from nanovllm.engine.detokenizer import IncrementalDetokenizer
+from nanovllm.engine.engine_core import EngineCoreOutput
+from nanovllm.outputs import CompletionOutput, RequestOutput
+from nanovllm.sampling_params import SamplingParams
+
+
+def child_request_id(request_id: str, index: int, n: int) -> str:
+    return request_id if n == 1 else f"{request_id}#{index}"
+
+
+@dataclass
+class _Completion:
+    output: CompletionOutput
+    detokenizer: IncrementalDetokenizer | None
+    sent_text: int = 0  # characters and tokens already streamed
+    sent_tokens: int = 0
+    sent_finish: bool = False
+
+
+@dataclass
+class _RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    completions: list[_Completion]
+    num_cached_tokens: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(c.output.finished() for c in self.completions)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.states: dict[str, _RequestState] = {}
+        self.child_to_parent: dict[str, tuple[str, int]] = {}
+
+    def add_request(
+        self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams, stream: bool
+    ) -> list[str]:
+        """Register a user request; returns the engine request ids of its ``n`` samples."""
+        if request_id in self.states:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        # incremental decoding costs CPU on every step, so it runs only where text is needed before the end
+        incremental = self.tokenizer is not None and (stream or bool(params.stop_strings))
+        completions = [
+            _Completion(
+                CompletionOutput(index=i, text="", token_ids=[]),
+                IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens,
+                                       params.stop_strings) if incremental else None,
+            )
+            for i in range(params.n)
+        ]
+        self.states[request_id] = _RequestState(request_id, prompt, prompt_token_ids, params, stream, completions)
+        child_ids = [child_request_id(request_id, i, params.n) for i in range(params.n)]
+        for i, child in enumerate(child_ids):
+            self.child_to_parent[child] = (request_id, i)
+        return child_ids
+
+    def abort_request(self, request_id: str) -> list[str]:
+        """Forget a user request; returns the engine request ids to abort."""
+        state = self.states.pop(request_id, None)
+        if state is None:
+            return []
+        children = [child_request_id(request_id, i, state.params.n) for i in range(state.params.n)]
+        for child in children:
+            self.child_to_parent.pop(child, None)
+        return children
+
+    def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[tuple[str, str]]]:
+        """Fold engine outputs in. Returns the user outputs to deliver (every touched request when streaming,
+        else only finished ones) and the (engine request id, stop string) pairs the core must finish."""
+        touched: dict[str, _RequestState] = {}
+        to_stop: list[tuple[str, str]] = []
+        now = time.monotonic()
+        for out in outputs:
+            parent = self.child_to_parent.get(out.request_id)
+            if parent is None:
+                continue  # aborted by the user while the step ran
+            state = self.states[parent[0]]
+            completion = state.completions[parent[1]]
+            if completion.output.finished():
+                continue  # finished by a stop string one step ago
+            if state.first_token_time is None:
+                state.first_token_time = now
+            state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
+            completion.output.token_ids.extend(out.new_token_ids)
+            finish_reason, stop_reason = out.finish_reason, out.stop_reason
+            if completion.detokenizer is not None:
+                completion.detokenizer.add(out.new_token_ids)
+                completion.output.text = completion.detokenizer.text
+                if completion.detokenizer.stop_reason is not None and finish_reason is None:
+                    finish_reason, stop_reason = "stop", completion.detokenizer.stop_reason
+                    to_stop.append((out.request_id, stop_reason))
+            if finish_reason is not None:
+                self._finish(completion, finish_reason, stop_reason, state.params)
+            touched[state.request_id] = state
+
+        results = []
+        for state in touched.values():
+            if state.stream or state.finished:
+                results.append(self._make_output(state))
+            if state.finished:
+                self.abort_request(state.request_id)
+        return results, to_stop
+
+    def _finish(self, completion: _Completion, reason: str, stop_reason: Any, params: SamplingParams) -> None:
+        out = completion.output
+        out.finish_reason, out.stop_reason = reason, stop_reason
+        if completion.detokenizer is None and self.tokenizer is not None:
+            out.text = self.tokenizer.decode(out.token_ids, skip_special_tokens=params.skip_special_tokens)
+
+    def _make_output(self, state: _RequestState) -> RequestOutput:
+        if not state.stream:
+            outputs = [c.output for c in state.completions]
+        else:  # only what is new since the last delivery
+            outputs = []
+            for c in state.completions:
+                out = c.output
+                if len(out.token_ids) == c.sent_tokens and (c.sent_finish or not out.finished()):
+                    continue
+                outputs.append(
+                    CompletionOutput(out.index, out.text[c.sent_text :], out.token_ids[c.sent_tokens :],
+                                     out.finish_reason, out.stop_reason)
+                )
+                c.sent_text, c.sent_tokens, c.sent_finish = len(out.text), len(out.token_ids), out.finished()
+        metrics = {"arrival_time": state.arrival_time}
+        if state.first_token_time is not None:
+            metrics["first_token_time"] = state.first_token_time
+        return RequestOutput(
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=outputs,
+            finished=state.finished,
+            num_cached_tokens=state.num_cached_tokens,
+            metrics=metrics,
+        )

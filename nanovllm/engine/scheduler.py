@@ -1,0 +1,211 @@
+"""Continuous batching under a per-step token budget, with chunked prefill and recompute preemption.
+
+Each step builds one mixed batch: running decodes first (one token each), then the rest of any partly prefilled
+prompts, then new requests from the waiting queue, each prefill cut to whatever budget is left. When a running
+request needs a page and none is free, the newest running request is preempted: its pages are released and it
+goes back to the front of the queue, to be recomputed from its tokens (prompt and output so far) when pages free up.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from nanovllm.engine.kv_manager import KVCacheManager
+from nanovllm.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledChunk:
+    request: Request
+    start: int  # first token position computed in this step
+    num_tokens: int
+    sample: bool  # the chunk reaches the end of the request's tokens, so its last row's logits are sampled
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    num_batched_tokens: int = 0
+    preempted: list[Request] = field(default_factory=list)
+    page_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst): copy-on-write before the forward
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+    @property
+    def sampled_chunks(self) -> list[ScheduledChunk]:
+        return [chunk for chunk in self.chunks if chunk.sample]
+
+
+class Scheduler:
+    def __init__(
+        self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int
+    ) -> None:
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order: the last one is the first to preempt
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ---- queue management -------------------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort_request(self, request_id: str) -> Request | None:
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self._finish(request, RequestStatus.FINISHED_ABORTED)
+        return request
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ---- scheduling -------------------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+
+        # Decodes before unfinished prefills, each group in admission order.
+        for request in sorted(self.running, key=lambda r: r.num_pending_tokens > 1):
+            budget = self.max_num_batched_tokens - out.num_batched_tokens
+            if budget == 0:
+                break
+            if request.status != RequestStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            num_tokens = min(request.num_pending_tokens, budget)
+            if self._make_room(request, num_tokens, out):
+                self._schedule_chunk(request, num_tokens, out)
+
+        # New (or preempted) requests, only when nothing had to be preempted: there is no room to grow.
+        while self.waiting and len(self.running) < self.max_num_seqs and not out.preempted:
+            budget = self.max_num_batched_tokens - out.num_batched_tokens
+            if budget == 0:
+                break
+            request = self.waiting[0]
+            if not request.page_table:
+                self.kv.match_prefix(request)
+                if request.num_cached_tokens < 0:
+                    request.num_cached_tokens = request.num_computed_tokens
+            num_tokens = min(request.num_pending_tokens, budget)
+            if not self.kv.allocate(request, request.num_computed_tokens + num_tokens):
+                self.kv.free(request)
+                request.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            self._schedule_chunk(request, num_tokens, out)
+
+        out.page_copies = self.kv.take_page_copies()
+        return out
+
+    def _make_room(self, request: Request, num_tokens: int, out: SchedulerOutput) -> bool:
+        """Allocate pages for the chunk, preempting the newest running requests until it fits.
+
+        Older requests are never preempted for newer ones, so the oldest always progresses. Returns False when
+        the request itself was preempted."""
+        while not self.kv.allocate(request, request.num_computed_tokens + num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is request:
+                return False
+        return True
+
+    def _schedule_chunk(self, request: Request, num_tokens: int, out: SchedulerOutput) -> None:
+        start = request.num_computed_tokens
+        request.num_computed_tokens += num_tokens
+        sample = request.num_computed_tokens == request.num_tokens
+        out.chunks.append(ScheduledChunk(request, start, num_tokens, sample))
+        out.num_batched_tokens += num_tokens
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        for i, chunk in enumerate(out.chunks):  # already scheduled in this step: take its chunk back
+            if chunk.request is request:
+                out.num_batched_tokens -= chunk.num_tokens
+                del out.chunks[i]
+                break
+        self.running.remove(request)
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+        out.preempted.append(request)
+
+    # ---- results ----------------------------------------------------------------------------------------------
+
+    def update(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> list[Request]:
+        """Append each sampled token, check the stop conditions and release finished requests.
+
+        ``sampled_token_ids`` follows ``out.sampled_chunks``. Returns the requests that got a token this step."""
+        updated: list[Request] = []
+        sampled = iter(sampled_token_ids)
+        for chunk in out.chunks:
+            request = chunk.request
+            token = next(sampled) if chunk.sample else None
+            if request.is_finished:  # aborted while the step ran
+                continue
+            if chunk.start < request.num_prompt_tokens:
+                self.kv.cache_computed(request)
+            if token is None:
+                continue
+            request.token_ids.append(token)
+            updated.append(request)
+            status = self._stop_status(request, token)
+            if status is not None:
+                self.running.remove(request)
+                self._finish(request, status)
+        return updated
+
+    def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.sampling_params
+        num_output = request.num_output_tokens
+        if num_output >= params.min_tokens:
+            if not params.ignore_eos and token in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token in params.stop_token_ids:
+                request.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if num_output >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def finish_request(self, request_id: str, status: RequestStatus, stop_reason: int | str | None = None) -> None:
+        """End a running request from outside (a stop string found by the detokenizer)."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.stop_reason = stop_reason
+        self._finish(request, status)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        if request.page_table:
+            self.kv.free(request)
+        del self.requests[request.request_id]

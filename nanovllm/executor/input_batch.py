@@ -1,0 +1,100 @@
+"""Turn a scheduled batch into the flat tensors a forward needs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nanovllm.engine.scheduler import SchedulerOutput
+from nanovllm.layers.attention.metadata import AttentionMetadata
+from nanovllm.layers.sampler import SamplingBatch, row_key
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens]
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # [num_sampled] rows whose logits are sampled
+    sampling: SamplingBatch | None
+
+
+def build_forward_batch(
+    sched: SchedulerOutput, block_size: int, vocab_size: int, device: torch.device
+) -> ForwardBatch:
+    chunks = sched.chunks
+    query_lens = [chunk.num_tokens for chunk in chunks]
+    seq_lens = [chunk.start + chunk.num_tokens for chunk in chunks]
+    num_tokens = sum(query_lens)
+
+    input_ids = np.empty(num_tokens, dtype=np.int64)
+    positions = np.empty(num_tokens, dtype=np.int64)
+    max_pages = max(-(-s // block_size) for s in seq_lens)
+    block_tables = np.zeros((len(chunks), max_pages), dtype=np.int32)
+    offset = 0
+    for i, chunk in enumerate(chunks):
+        request, start, n = chunk.request, chunk.start, chunk.num_tokens
+        input_ids[offset : offset + n] = request.token_ids[start : start + n]
+        positions[offset : offset + n] = np.arange(start, start + n)
+        pages = request.page_table[: -(-seq_lens[i] // block_size)]
+        block_tables[i, : len(pages)] = pages
+        offset += n
+    page_index = positions // block_size
+    row_of_token = np.repeat(np.arange(len(chunks)), query_lens)
+    slot_mapping = block_tables[row_of_token, page_index].astype(np.int64) * block_size + positions % block_size
+    query_start_loc = np.zeros(len(chunks) + 1, dtype=np.int32)
+    np.cumsum(query_lens, out=query_start_loc[1:])
+    sampled_rows = [i for i, chunk in enumerate(chunks) if chunk.sample]
+    logits_indices = query_start_loc[1:][sampled_rows] - 1
+
+    def to_device(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(device, non_blocking=True)
+
+    meta = AttentionMetadata(
+        slot_mapping=to_device(slot_mapping),
+        query_start_loc=to_device(query_start_loc),
+        seq_lens=to_device(np.asarray(seq_lens, dtype=np.int32)),
+        block_tables=to_device(block_tables),
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        query_lens_cpu=query_lens,
+        seq_lens_cpu=seq_lens,
+    )
+    sampling = build_sampling_batch([chunks[i].request for i in sampled_rows], vocab_size, device)
+    return ForwardBatch(to_device(input_ids), to_device(positions), meta, to_device(logits_indices), sampling)
+
+
+def build_sampling_batch(requests: list, vocab_size: int, device: torch.device) -> SamplingBatch | None:
+    if not requests:
+        return None
+    params = [r.sampling_params for r in requests]
+    temperatures = [p.temperature for p in params]
+    top_ks = [p.top_k if p.top_k > 0 else vocab_size for p in params]
+    top_ps = [p.top_p for p in params]
+    min_ps = [p.min_p for p in params]
+    # the noise of output token i of a request depends only on its seed and i
+    keys = [row_key(r.sampling_seed, r.num_output_tokens) for r in requests]
+    banned_rows: list[int] = []
+    banned_tokens: list[int] = []
+    for row, request in enumerate(requests):
+        if request.num_output_tokens < request.sampling_params.min_tokens:
+            stop_ids = set(request.sampling_params.stop_token_ids)
+            if not request.sampling_params.ignore_eos:
+                stop_ids |= request.eos_token_ids
+            banned_rows += [row] * len(stop_ids)
+            banned_tokens += sorted(stop_ids)
+    banned = None
+    if banned_rows:
+        banned = (torch.tensor(banned_rows).to(device), torch.tensor(banned_tokens).to(device))
+    return SamplingBatch(
+        temperatures=torch.tensor(temperatures, dtype=torch.float32).to(device, non_blocking=True),
+        top_ks=torch.tensor(top_ks, dtype=torch.int64).to(device, non_blocking=True),
+        top_ps=torch.tensor(top_ps, dtype=torch.float32).to(device, non_blocking=True),
+        min_ps=torch.tensor(min_ps, dtype=torch.float32).to(device, non_blocking=True),
+        keys=torch.tensor(keys, dtype=torch.int64).to(device, non_blocking=True),
+        all_greedy=all(t == 0 for t in temperatures),
+        use_top_k_top_p=any(k < vocab_size for k in top_ks) or any(p < 1.0 for p in top_ps),
+        use_min_p=any(p > 0 for p in min_ps),
+        banned=banned,
+    )

@@ -1,0 +1,176 @@
+"""The model runner: owns the model, the paged KV pool and the sampler on one device, and runs scheduled batches."""
+from __future__ import annotations
+
+import logging
+from itertools import accumulate
+from typing import Any
+
+import torch
+
+from nanovllm.config import EngineConfig
+from nanovllm.engine.scheduler import SchedulerOutput
+from nanovllm.executor.input_batch import ForwardBatch, build_forward_batch
+from nanovllm.layers.attention import make_attention_backend
+from nanovllm.layers.attention.context import set_forward_context
+from nanovllm.layers.attention.layer import Attention
+from nanovllm.layers.sampler import Sampler
+from nanovllm.loader import init_dummy_weights, load_weights
+from nanovllm.models.registry import get_model_class
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, hf_config: Any, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32  # most CPUs run float32 matmuls faster than half precision
+    checkpoint_dtype = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
+    if isinstance(checkpoint_dtype, str):
+        checkpoint_dtype = _DTYPES.get(checkpoint_dtype)
+    return checkpoint_dtype if checkpoint_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_path: str) -> None:
+        self.config = config
+        hf_config = config.hf_config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
+        self.block_size = config.block_size
+        self.vocab_size = hf_config.vocab_size
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+        model_class = get_model_class(hf_config)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                self.model = model_class(hf_config)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        if config.load_format == "dummy":
+            init_dummy_weights(self.model, config.seed)
+        else:
+            load_weights(self.model, model_path)
+        self.model.eval()
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.backend = make_attention_backend(
+            config.attention_backend, self.device, self.dtype, self.attention_layers[0], config
+        )
+        self.sampler = Sampler()
+        self.num_kv_blocks = self._size_kv_pool()
+        self._allocate_kv_pool(self.num_kv_blocks)
+        logger.info(
+            "model %s on %s in %s; KV pool: %d pages of %d tokens (%d tokens), attention backend %s",
+            type(self.model).__name__, self.device, self.dtype, self.num_kv_blocks, self.block_size,
+            self.num_kv_blocks * self.block_size, self.backend.name,
+        )
+
+    # ---- the KV pool ------------------------------------------------------------------------------------------
+
+    def page_bytes(self) -> int:
+        layer = self.attention_layers[0]
+        per_token = 2 * layer.num_kv_heads * layer.head_dim * self.dtype.itemsize
+        return per_token * self.block_size * len(self.attention_layers)
+
+    def _size_kv_pool(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        max_useful = self.config.max_num_seqs * -(-self.config.max_model_len // self.block_size)
+        if self.device.type == "cpu":
+            budget = int(self.config.cpu_kv_cache_gib * (1 << 30))
+        else:
+            budget = self._free_gpu_memory_for_kv()
+        num_pages = min(budget // self.page_bytes(), max_useful)
+        if num_pages <= 0:
+            raise ValueError(
+                "no memory is left for the KV cache; raise gpu_memory_utilization or use a smaller model"
+            )
+        return num_pages
+
+    def _free_gpu_memory_for_kv(self) -> int:
+        """Run the largest batch once on a throwaway pool, then give the KV pool what the budget leaves."""
+        tokens = self.config.max_num_batched_tokens
+        scratch_pages = -(-tokens // self.block_size)
+        self._allocate_kv_pool(scratch_pages)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self._profile_forward(tokens, scratch_pages)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - scratch_pages * self.page_bytes()
+        self._allocate_kv_pool(0)
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        in_use_elsewhere = total - free - torch.cuda.memory_reserved()
+        return int(total * self.config.gpu_memory_utilization) - peak - in_use_elsewhere
+
+    @torch.inference_mode()
+    def _profile_forward(self, num_tokens: int, num_pages: int) -> None:
+        from nanovllm.layers.attention.metadata import AttentionMetadata
+
+        seq_len = min(num_tokens, self.config.max_model_len)
+        num_seqs = -(-num_tokens // seq_len)
+        query_lens = [seq_len] * (num_seqs - 1) + [num_tokens - seq_len * (num_seqs - 1)]
+        pages_per_seq = -(-seq_len // self.block_size)
+        block_tables = torch.arange(num_seqs * pages_per_seq, device=self.device, dtype=torch.int32)
+        block_tables = (block_tables % num_pages).view(num_seqs, pages_per_seq)
+        meta = AttentionMetadata(
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=self.device),
+            query_start_loc=torch.tensor([0, *accumulate(query_lens)], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor(query_lens, dtype=torch.int32, device=self.device),
+            block_tables=block_tables,
+            max_query_len=max(query_lens),
+            max_seq_len=max(query_lens),
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=query_lens,
+        )
+        input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in query_lens])
+        with set_forward_context(meta, self.backend):
+            hidden = self.model(input_ids, positions)
+        last_rows = meta.query_start_loc[1:].long() - 1
+        self.model.compute_logits(hidden[last_rows.repeat(-(-self.config.max_num_seqs // num_seqs))])
+
+    def _allocate_kv_pool(self, num_pages: int) -> None:
+        layer = self.attention_layers[0]
+        shape = (2, len(self.attention_layers), num_pages, self.block_size, layer.num_kv_heads, layer.head_dim)
+        self.kv_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, attention in enumerate(self.attention_layers):
+            attention.k_cache = self.kv_pool[0, i]
+            attention.v_cache = self.kv_pool[1, i]
+
+    def copy_pages(self, copies: list[tuple[int, int]]) -> None:
+        if copies:
+            src = torch.tensor([s for s, _ in copies], device=self.device)
+            dst = torch.tensor([d for _, d in copies], device=self.device)
+            self.kv_pool[:, :, dst] = self.kv_pool[:, :, src]
+
+    # ---- a step -----------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> list[int]:
+        """Run one scheduled batch; return the sampled token of each chunk with ``sample`` set, in order."""
+        self.copy_pages(sched.page_copies)
+        batch = build_forward_batch(sched, self.block_size, self.vocab_size, self.device)
+        logits = self.forward_logits(batch)
+        if batch.sampling is None:
+            return []
+        return self.sampler(logits, batch.sampling).tolist()
+
+    def forward_logits(self, batch: ForwardBatch) -> torch.Tensor:
+        self.backend.prepare(batch.meta)
+        with set_forward_context(batch.meta, self.backend):
+            hidden = self.model(batch.input_ids, batch.positions)
+        return self.model.compute_logits(hidden[batch.logits_indices])

@@ -1,0 +1,94 @@
+"""``LLM``: the offline batch front end, as in vLLM and the original nano-vllm."""
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from nanovllm.config import EngineConfig
+from nanovllm.engine.input_processor import Prompt
+from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.outputs import RequestOutput
+from nanovllm.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str, **engine_args: Any) -> None:
+        self.engine = LLMEngine(EngineConfig.from_kwargs(model, **engine_args))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in input order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # one prompt, as text or as token ids
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(
+                f"sampling_params must be one SamplingParams or one per prompt: got {len(sampling_params)} "
+                f"for {len(prompts)} prompts"
+            )
+        # validate everything before queueing anything, so a bad prompt leaves the engine untouched
+        checked = [self.engine.input_processor.tokenize(p) for p in prompts]
+        for (_, ids), params in zip(checked, sampling_params):
+            request = self.engine.input_processor.make_request("check", ids, params)
+            self.engine.core.check_fits(request)
+        request_ids = [str(next(self._ids)) for _ in prompts]
+        for request_id, prompt, params in zip(request_ids, prompts, sampling_params):
+            self.engine.add_request(request_id, prompt, params)
+        return self._run(request_ids, use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
+        stats = self.engine.core.stats
+        start, prompt_start, gen_start = time.perf_counter(), stats.num_prompt_tokens, stats.num_generated_tokens
+        try:
+            while self.engine.has_unfinished():
+                for output in self.engine.step():
+                    results[output.request_id] = output
+                    bar.update(1)
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(
+                    prefill=f"{(stats.num_prompt_tokens - prompt_start) / elapsed:.0f} tok/s",
+                    decode=f"{(stats.num_generated_tokens - gen_start) / elapsed:.0f} tok/s",
+                    refresh=False,
+                )
+        except BaseException:
+            for request_id in request_ids:  # leave no request (and no page) behind
+                self.engine.abort_request(request_id)
+            raise
+        finally:
+            bar.close()
+        return [results[request_id] for request_id in request_ids]
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to one conversation or a list of them, then generate."""
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [
+            self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=add_generation_prompt)
+            for c in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)
