@@ -84,12 +84,12 @@ class EngineCore:
         return [
             EngineCoreOutput(
                 request_id=r.request_id,
-                new_token_ids=[r.token_ids[-1]],
+                new_token_ids=[token],
                 finish_reason=r.status.value if r.is_finished else None,
                 stop_reason=r.stop_reason,
                 num_cached_tokens=max(r.num_cached_tokens, 0),
             )
-            for r in updated
+            for r, token in updated
         ]
 
     def _count(self, sched: object, num_generated: int) -> None:

@@ -9,6 +9,10 @@ from typing import Any
 from nanovllm.sampling_params import SamplingParams
 
 
+# Stands in token_ids for a token that is sampled but not yet back on the host (overlap scheduling).
+PLACEHOLDER = -1
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"  # queued, holds no pages (new or preempted)
     RUNNING = "running"  # holds pages; prefilling in chunks or decoding
@@ -26,7 +30,9 @@ class Request:
     """``token_ids`` is the prompt followed by the tokens generated so far.
 
     ``num_computed_tokens`` of them have KV in ``page_table``; the scheduler advances it when it schedules a chunk,
-    so between schedule and update it counts the tokens being computed this step.
+    so between schedule and update it counts the tokens being computed this step. A chunk that samples appends a
+    ``PLACEHOLDER`` at schedule time, filled in when its step's results arrive: the next step can then be
+    scheduled (and its input taken from the sampled tensor on the device) before this one finishes.
     """
 
     request_id: str
@@ -45,6 +51,7 @@ class Request:
     num_preemptions: int = 0
     stop_reason: int | str | None = None
     prefix_node: Any = None  # the prefix-cache node this request has locked, if any
+    sample_row: int = -1  # row of this request's last sampled token in its step's output tensor
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from nanovllm.engine.kv_manager import KVCacheManager
-from nanovllm.engine.request import Request, RequestStatus
+from nanovllm.engine.request import PLACEHOLDER, Request, RequestStatus
 
 
 @dataclass
@@ -20,6 +20,7 @@ class ScheduledChunk:
     start: int  # first token position computed in this step
     num_tokens: int
     sample: bool  # the chunk reaches the end of the request's tokens, so its last row's logits are sampled
+    output_index: int = -1  # where the sampled token goes in request.token_ids (its placeholder)
 
 
 @dataclass
@@ -135,14 +136,19 @@ class Scheduler:
     def _schedule_chunk(self, request: Request, num_tokens: int, out: SchedulerOutput) -> None:
         start = request.num_computed_tokens
         request.num_computed_tokens += num_tokens
-        sample = request.num_computed_tokens == request.num_tokens
-        out.chunks.append(ScheduledChunk(request, start, num_tokens, sample))
+        chunk = ScheduledChunk(request, start, num_tokens, sample=request.num_computed_tokens == request.num_tokens)
+        if chunk.sample:
+            chunk.output_index = request.num_tokens
+            request.token_ids.append(PLACEHOLDER)
+        out.chunks.append(chunk)
         out.num_batched_tokens += num_tokens
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         for i, chunk in enumerate(out.chunks):  # already scheduled in this step: take its chunk back
             if chunk.request is request:
                 out.num_batched_tokens -= chunk.num_tokens
+                if chunk.sample:
+                    request.token_ids.pop()
                 del out.chunks[i]
                 break
         self.running.remove(request)
@@ -156,39 +162,43 @@ class Scheduler:
 
     # ---- results ----------------------------------------------------------------------------------------------
 
-    def update(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> list[Request]:
-        """Append each sampled token, check the stop conditions and release finished requests.
+    def update(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> list[tuple[Request, int]]:
+        """Fill in each sampled token, check the stop conditions and release finished requests.
 
-        ``sampled_token_ids`` follows ``out.sampled_chunks``. Returns the requests that got a token this step."""
-        updated: list[Request] = []
+        ``sampled_token_ids`` follows ``out.sampled_chunks``. Returns (request, token) for every request that got
+        a token this step."""
+        updated: list[tuple[Request, int]] = []
         sampled = iter(sampled_token_ids)
         for chunk in out.chunks:
             request = chunk.request
             token = next(sampled) if chunk.sample else None
-            if request.is_finished:  # aborted while the step ran
+            if request.is_finished:  # aborted, or stopped while this step ran
                 continue
             if chunk.start < request.num_prompt_tokens:
                 self.kv.cache_computed(request)
             if token is None:
                 continue
-            request.token_ids.append(token)
-            updated.append(request)
-            status = self._stop_status(request, token)
+            request.token_ids[chunk.output_index] = token
+            updated.append((request, token))
+            status = self._stop_status(request, token, chunk.output_index)
             if status is not None:
-                self.running.remove(request)
+                if request.status == RequestStatus.RUNNING:
+                    self.running.remove(request)
+                else:
+                    self.waiting.remove(request)
                 self._finish(request, status)
         return updated
 
-    def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
+    def _stop_status(self, request: Request, token: int, index: int) -> RequestStatus | None:
         params = request.sampling_params
-        num_output = request.num_output_tokens
+        num_output = index + 1 - request.num_prompt_tokens
         if num_output >= params.min_tokens:
             if not params.ignore_eos and token in request.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED
             if token in params.stop_token_ids:
                 request.stop_reason = token
                 return RequestStatus.FINISHED_STOPPED
-        if num_output >= request.max_tokens or request.num_tokens >= self.max_model_len:
+        if num_output >= request.max_tokens or index + 1 >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 
@@ -206,6 +216,8 @@ class Scheduler:
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
+        while request.token_ids and request.token_ids[-1] == PLACEHOLDER:  # a step scheduled past the end
+            request.token_ids.pop()
         if request.page_table:
             self.kv.free(request)
         del self.requests[request.request_id]

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nanovllm.engine.scheduler import SchedulerOutput
+from nanovllm.engine.request import PLACEHOLDER
+from nanovllm.engine.scheduler import ScheduledChunk, SchedulerOutput
 from nanovllm.layers.attention.metadata import AttentionMetadata
 from nanovllm.layers.sampler import SamplingBatch, row_key
 
@@ -18,6 +19,9 @@ class ForwardBatch:
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # [num_sampled] rows whose logits are sampled
     sampling: SamplingBatch | None
+    # overlap scheduling: input rows whose token is still on the device, and their row in the last step's samples
+    pending_rows: torch.Tensor | None = None
+    pending_sources: torch.Tensor | None = None
 
 
 def build_forward_batch(
@@ -32,10 +36,15 @@ def build_forward_batch(
     positions = np.empty(num_tokens, dtype=np.int64)
     max_pages = max(-(-s // block_size) for s in seq_lens)
     block_tables = np.zeros((len(chunks), max_pages), dtype=np.int32)
+    pending_rows: list[int] = []
+    pending_sources: list[int] = []
     offset = 0
     for i, chunk in enumerate(chunks):
         request, start, n = chunk.request, chunk.start, chunk.num_tokens
         input_ids[offset : offset + n] = request.token_ids[start : start + n]
+        if request.token_ids[start + n - 1] == PLACEHOLDER:  # only ever a decode's single token
+            pending_rows.append(offset + n - 1)
+            pending_sources.append(request.sample_row)
         positions[offset : offset + n] = np.arange(start, start + n)
         pages = request.page_table[: -(-seq_lens[i] // block_size)]
         block_tables[i, : len(pages)] = pages
@@ -61,24 +70,31 @@ def build_forward_batch(
         query_lens_cpu=query_lens,
         seq_lens_cpu=seq_lens,
     )
-    sampling = build_sampling_batch([chunks[i].request for i in sampled_rows], vocab_size, device)
-    return ForwardBatch(to_device(input_ids), to_device(positions), meta, to_device(logits_indices), sampling)
+    sampling = build_sampling_batch([chunks[i] for i in sampled_rows], vocab_size, device)
+    batch = ForwardBatch(to_device(input_ids), to_device(positions), meta, to_device(logits_indices), sampling)
+    if pending_rows:
+        batch.pending_rows = to_device(np.asarray(pending_rows, dtype=np.int64))
+        batch.pending_sources = to_device(np.asarray(pending_sources, dtype=np.int64))
+    return batch
 
 
-def build_sampling_batch(requests: list, vocab_size: int, device: torch.device) -> SamplingBatch | None:
-    if not requests:
+def build_sampling_batch(chunks: list[ScheduledChunk], vocab_size: int, device: torch.device) -> SamplingBatch | None:
+    if not chunks:
         return None
+    requests = [chunk.request for chunk in chunks]
+    # which output token each row samples: its noise and its min_tokens rule depend on that alone
+    output_numbers = [chunk.output_index - chunk.request.num_prompt_tokens for chunk in chunks]
     params = [r.sampling_params for r in requests]
     temperatures = [p.temperature for p in params]
     top_ks = [p.top_k if p.top_k > 0 else vocab_size for p in params]
     top_ps = [p.top_p for p in params]
     min_ps = [p.min_p for p in params]
     # the noise of output token i of a request depends only on its seed and i
-    keys = [row_key(r.sampling_seed, r.num_output_tokens) for r in requests]
+    keys = [row_key(r.sampling_seed, k) for r, k in zip(requests, output_numbers)]
     banned_rows: list[int] = []
     banned_tokens: list[int] = []
-    for row, request in enumerate(requests):
-        if request.num_output_tokens < request.sampling_params.min_tokens:
+    for row, (request, number) in enumerate(zip(requests, output_numbers)):
+        if number < request.sampling_params.min_tokens:
             stop_ids = set(request.sampling_params.stop_token_ids)
             if not request.sampling_params.ignore_eos:
                 stop_ids |= request.eos_token_ids

@@ -167,9 +167,14 @@ class ModelRunner:
         logits = self.forward_logits(batch)
         if batch.sampling is None:
             return []
-        return self.sampler(logits, batch.sampling).tolist()
+        self.last_sampled = self.sampler(logits, batch.sampling)
+        for row, chunk in enumerate(sched.sampled_chunks):
+            chunk.request.sample_row = row
+        return self.last_sampled.tolist()
 
     def forward_logits(self, batch: ForwardBatch) -> torch.Tensor:
+        if batch.pending_rows is not None:
+            batch.input_ids[batch.pending_rows] = self.last_sampled[batch.pending_sources]
         self.backend.prepare(batch.meta)
         with set_forward_context(batch.meta, self.backend):
             hidden = self.model(batch.input_ids, batch.positions)
