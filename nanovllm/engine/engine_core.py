@@ -20,6 +20,8 @@ class EngineCoreOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    logprobs: list[dict[int, float]] | None = None  # one dict per new token
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # with the first token only
 
 
 @dataclass
@@ -77,20 +79,26 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        sampled = self.executor.execute(sched)
-        updated = self.scheduler.update(sched, sampled)
+        result = self.executor.execute(sched)
+        updated = self.scheduler.update(sched, result)
         self._count(sched, len(updated))
         self.stats.step_time_s += time.perf_counter() - start
-        return [
-            EngineCoreOutput(
-                request_id=r.request_id,
-                new_token_ids=[token],
-                finish_reason=r.status.value if r.is_finished else None,
-                stop_reason=r.stop_reason,
-                num_cached_tokens=max(r.num_cached_tokens, 0),
-            )
-            for r, token in updated
-        ]
+        return [self._output(request, token, logprobs) for request, token, logprobs in updated]
+
+    @staticmethod
+    def _output(request: Request, token: int, logprobs: dict[int, float] | None) -> EngineCoreOutput:
+        out = EngineCoreOutput(
+            request_id=request.request_id,
+            new_token_ids=[token],
+            finish_reason=request.status.value if request.is_finished else None,
+            stop_reason=request.stop_reason,
+            num_cached_tokens=max(request.num_cached_tokens, 0),
+            logprobs=None if logprobs is None else [logprobs],
+        )
+        if request.sampling_params.prompt_logprobs is not None and not request.prompt_logprobs_sent:
+            out.prompt_logprobs = [None, *request.prompt_logprobs]
+            request.prompt_logprobs_sent = True
+        return out
 
     def _count(self, sched: object, num_generated: int) -> None:
         stats = self.stats

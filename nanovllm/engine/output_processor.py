@@ -37,6 +37,7 @@ class _RequestState:
     stream: bool
     completions: list[_Completion]
     num_cached_tokens: int = 0
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
 
@@ -61,7 +62,7 @@ class OutputProcessor:
         incremental = self.tokenizer is not None and (stream or bool(params.stop_strings))
         completions = [
             _Completion(
-                CompletionOutput(index=i, text="", token_ids=[]),
+                CompletionOutput(index=i, text="", token_ids=[], logprobs=[] if params.logprobs is not None else None),
                 IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens,
                                        params.stop_strings) if incremental else None,
             )
@@ -101,6 +102,10 @@ class OutputProcessor:
                 state.first_token_time = now
             state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
             completion.output.token_ids.extend(out.new_token_ids)
+            if out.logprobs is not None and completion.output.logprobs is not None:
+                completion.output.logprobs.extend(out.logprobs)
+            if out.prompt_logprobs is not None:
+                state.prompt_logprobs = out.prompt_logprobs
             finish_reason, stop_reason = out.finish_reason, out.stop_reason
             if completion.detokenizer is not None:
                 completion.detokenizer.add(out.new_token_ids)
@@ -135,9 +140,10 @@ class OutputProcessor:
                 out = c.output
                 if len(out.token_ids) == c.sent_tokens and (c.sent_finish or not out.finished()):
                     continue
+                new_logprobs = None if out.logprobs is None else out.logprobs[c.sent_tokens :]
                 outputs.append(
                     CompletionOutput(out.index, out.text[c.sent_text :], out.token_ids[c.sent_tokens :],
-                                     out.finish_reason, out.stop_reason)
+                                     out.finish_reason, out.stop_reason, new_logprobs)
                 )
                 c.sent_text, c.sent_tokens, c.sent_finish = len(out.text), len(out.token_ids), out.finished()
         metrics = {"arrival_time": state.arrival_time}
@@ -150,5 +156,6 @@ class OutputProcessor:
             outputs=outputs,
             finished=state.finished,
             num_cached_tokens=state.num_cached_tokens,
+            prompt_logprobs=state.prompt_logprobs,
             metrics=metrics,
         )

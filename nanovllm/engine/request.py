@@ -51,6 +51,8 @@ class Request:
     num_preemptions: int = 0
     stop_reason: int | str | None = None
     prefix_node: Any = None  # the prefix-cache node this request has locked, if any
+    prompt_logprobs: list[dict[int, float]] = field(default_factory=list)  # for prompt positions 1.. (echo)
+    prompt_logprobs_sent: bool = False
     sample_row: int = -1  # row of this request's last sampled token in its step's output tensor
 
     def __post_init__(self) -> None:

@@ -39,6 +39,16 @@ class SchedulerOutput:
         return [chunk for chunk in self.chunks if chunk.sample]
 
 
+@dataclass
+class ModelOutput:
+    """What the executor returns for a ``SchedulerOutput``; lists follow ``sampled_chunks``."""
+
+    token_ids: list[int]
+    logprobs: list[dict[int, float] | None] | None = None
+    # per request id: logprobs of the prompt tokens this step's chunk covered (entries for positions >= 1)
+    prompt_logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
+
+
 class Scheduler:
     def __init__(
         self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int
@@ -154,6 +164,8 @@ class Scheduler:
         self.running.remove(request)
         self.kv.free(request)
         request.num_computed_tokens = 0
+        if not request.prompt_logprobs_sent:  # they will be computed again with the prompt
+            request.prompt_logprobs.clear()
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.num_preemptions += 1
@@ -162,24 +174,26 @@ class Scheduler:
 
     # ---- results ----------------------------------------------------------------------------------------------
 
-    def update(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> list[tuple[Request, int]]:
+    def update(self, out: SchedulerOutput, result: ModelOutput) -> list[tuple[Request, int, dict | None]]:
         """Fill in each sampled token, check the stop conditions and release finished requests.
 
-        ``sampled_token_ids`` follows ``out.sampled_chunks``. Returns (request, token) for every request that got
-        a token this step."""
-        updated: list[tuple[Request, int]] = []
-        sampled = iter(sampled_token_ids)
+        Returns (request, token, its logprobs) for every request that got a token this step."""
+        updated: list[tuple[Request, int, dict | None]] = []
+        sampled = iter(range(len(result.token_ids)))
         for chunk in out.chunks:
             request = chunk.request
-            token = next(sampled) if chunk.sample else None
+            row = next(sampled) if chunk.sample else None
             if request.is_finished:  # aborted, or stopped while this step ran
                 continue
+            if request.request_id in result.prompt_logprobs and not request.prompt_logprobs_sent:
+                request.prompt_logprobs.extend(result.prompt_logprobs[request.request_id])
             if chunk.start < request.num_prompt_tokens:
                 self.kv.cache_computed(request)
-            if token is None:
+            if row is None:
                 continue
+            token = result.token_ids[row]
             request.token_ids[chunk.output_index] = token
-            updated.append((request, token))
+            updated.append((request, token, result.logprobs[row] if result.logprobs else None))
             status = self._stop_status(request, token, chunk.output_index)
             if status is not None:
                 if request.status == RequestStatus.RUNNING:

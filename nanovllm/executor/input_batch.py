@@ -9,7 +9,7 @@ import torch
 from nanovllm.engine.request import PLACEHOLDER
 from nanovllm.engine.scheduler import ScheduledChunk, SchedulerOutput
 from nanovllm.layers.attention.metadata import AttentionMetadata
-from nanovllm.layers.sampler import SamplingBatch, row_key
+from nanovllm.layers.sampler import Penalties, SamplingBatch, row_key
 
 
 @dataclass
@@ -22,6 +22,10 @@ class ForwardBatch:
     # overlap scheduling: input rows whose token is still on the device, and their row in the last step's samples
     pending_rows: torch.Tensor | None = None
     pending_sources: torch.Tensor | None = None
+    # echo / prompt logprobs: rows whose next prompt token is scored, those tokens, and (request id, count, top-N)
+    prompt_rows: torch.Tensor | None = None
+    prompt_targets: torch.Tensor | None = None
+    prompt_spans: list[tuple[str, int, int]] | None = None
 
 
 def build_forward_batch(
@@ -55,6 +59,7 @@ def build_forward_batch(
     query_start_loc = np.zeros(len(chunks) + 1, dtype=np.int32)
     np.cumsum(query_lens, out=query_start_loc[1:])
     sampled_rows = [i for i, chunk in enumerate(chunks) if chunk.sample]
+    prompt_rows, prompt_targets, prompt_spans = _prompt_logprob_rows(chunks, query_start_loc)
     logits_indices = query_start_loc[1:][sampled_rows] - 1
 
     def to_device(array: np.ndarray) -> torch.Tensor:
@@ -72,10 +77,34 @@ def build_forward_batch(
     )
     sampling = build_sampling_batch([chunks[i] for i in sampled_rows], vocab_size, device)
     batch = ForwardBatch(to_device(input_ids), to_device(positions), meta, to_device(logits_indices), sampling)
+    if prompt_spans:
+        batch.prompt_rows = to_device(np.asarray(prompt_rows, dtype=np.int64))
+        batch.prompt_targets = to_device(np.asarray(prompt_targets, dtype=np.int64))
+        batch.prompt_spans = prompt_spans
     if pending_rows:
         batch.pending_rows = to_device(np.asarray(pending_rows, dtype=np.int64))
         batch.pending_sources = to_device(np.asarray(pending_sources, dtype=np.int64))
     return batch
+
+
+def _prompt_logprob_rows(
+    chunks: list[ScheduledChunk], query_start_loc: np.ndarray
+) -> tuple[list[int], list[int], list[tuple[str, int, int]]]:
+    """Row p - 1 scores prompt token p, for every prompt position p >= 1 this step's chunks reach."""
+    rows: list[int] = []
+    targets: list[int] = []
+    spans: list[tuple[str, int, int]] = []
+    for i, chunk in enumerate(chunks):
+        request = chunk.request
+        top_n = request.sampling_params.prompt_logprobs
+        end = min(chunk.start + chunk.num_tokens, request.num_prompt_tokens - 1)
+        if top_n is None or request.prompt_logprobs_sent or end <= chunk.start:
+            continue
+        first_row = int(query_start_loc[i])
+        rows.extend(range(first_row, first_row + end - chunk.start))
+        targets.extend(request.token_ids[chunk.start + 1 : end + 1])
+        spans.append((request.request_id, end - chunk.start, top_n))
+    return rows, targets, spans
 
 
 def build_sampling_batch(chunks: list[ScheduledChunk], vocab_size: int, device: torch.device) -> SamplingBatch | None:
@@ -100,6 +129,7 @@ def build_sampling_batch(chunks: list[ScheduledChunk], vocab_size: int, device: 
                 stop_ids |= request.eos_token_ids
             banned_rows += [row] * len(stop_ids)
             banned_tokens += sorted(stop_ids)
+    logprob_counts = [p.logprobs for p in params if p.logprobs is not None]
     banned = None
     if banned_rows:
         banned = (torch.tensor(banned_rows).to(device), torch.tensor(banned_tokens).to(device))
@@ -113,4 +143,26 @@ def build_sampling_batch(chunks: list[ScheduledChunk], vocab_size: int, device: 
         use_top_k_top_p=any(k < vocab_size for k in top_ks) or any(p < 1.0 for p in top_ps),
         use_min_p=any(p > 0 for p in min_ps),
         banned=banned,
+        penalties=_penalties(requests, vocab_size, device) if any(p.has_penalties for p in params) else None,
+        num_logprobs=max(logprob_counts, default=-1),
+    )
+
+
+def _penalties(requests: list, vocab_size: int, device: torch.device) -> Penalties:
+    """Token counts per row, built only for batches where some request uses a penalty."""
+    counts = torch.zeros(len(requests), vocab_size)
+    seen = torch.zeros(len(requests), vocab_size, dtype=torch.bool)
+    for row, request in enumerate(requests):
+        outputs = [t for t in request.output_token_ids if t != PLACEHOLDER]
+        if outputs:
+            counts[row].index_add_(0, torch.tensor(outputs), torch.ones(len(outputs)))
+        seen[row, request.prompt_token_ids] = True
+    seen |= counts > 0
+    params = [r.sampling_params for r in requests]
+    return Penalties(
+        presence=torch.tensor([p.presence_penalty for p in params]).to(device),
+        frequency=torch.tensor([p.frequency_penalty for p in params]).to(device),
+        repetition=torch.tensor([p.repetition_penalty for p in params]).to(device),
+        output_counts=counts.to(device),
+        seen=seen.to(device),
     )

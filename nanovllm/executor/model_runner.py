@@ -8,12 +8,12 @@ from typing import Any
 import torch
 
 from nanovllm.config import EngineConfig
-from nanovllm.engine.scheduler import SchedulerOutput
+from nanovllm.engine.scheduler import ModelOutput, ScheduledChunk, SchedulerOutput
 from nanovllm.executor.input_batch import ForwardBatch, build_forward_batch
 from nanovllm.layers.attention import make_attention_backend
 from nanovllm.layers.attention.context import set_forward_context
 from nanovllm.layers.attention.layer import Attention
-from nanovllm.layers.sampler import Sampler
+from nanovllm.layers.sampler import Sampler, top_logprobs
 from nanovllm.loader import init_dummy_weights, load_weights
 from nanovllm.models.registry import get_model_class
 
@@ -160,22 +160,59 @@ class ModelRunner:
     # ---- a step -----------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> list[int]:
-        """Run one scheduled batch; return the sampled token of each chunk with ``sample`` set, in order."""
+    def execute(self, sched: SchedulerOutput) -> ModelOutput:
+        """Run one scheduled batch; sample a token for each chunk with ``sample`` set."""
         self.copy_pages(sched.page_copies)
         batch = build_forward_batch(sched, self.block_size, self.vocab_size, self.device)
-        logits = self.forward_logits(batch)
+        hidden = self.forward(batch)
+        result = ModelOutput(token_ids=[])
+        if batch.prompt_spans:
+            result.prompt_logprobs = self._prompt_logprobs(hidden, batch)
         if batch.sampling is None:
-            return []
-        self.last_sampled = self.sampler(logits, batch.sampling)
+            return result
+        sampled = self.sampler(self.model.compute_logits(hidden[batch.logits_indices]), batch.sampling)
+        self.last_sampled = sampled.token_ids
         for row, chunk in enumerate(sched.sampled_chunks):
             chunk.request.sample_row = row
-        return self.last_sampled.tolist()
+        result.token_ids = sampled.token_ids.tolist()
+        if sampled.logprobs is not None:
+            result.logprobs = logprob_dicts(sampled.logprob_ids, sampled.logprobs, sched.sampled_chunks)
+        return result
 
-    def forward_logits(self, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
         if batch.pending_rows is not None:
             batch.input_ids[batch.pending_rows] = self.last_sampled[batch.pending_sources]
         self.backend.prepare(batch.meta)
         with set_forward_context(batch.meta, self.backend):
-            hidden = self.model(batch.input_ids, batch.positions)
-        return self.model.compute_logits(hidden[batch.logits_indices])
+            return self.model(batch.input_ids, batch.positions)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, batch: ForwardBatch) -> dict[str, list[dict[int, float]]]:
+        logprobs = self.model.compute_logits(hidden[batch.prompt_rows]).float().log_softmax(dim=-1)
+        top_n = max(n for _, _, n in batch.prompt_spans)
+        ids, values = top_logprobs(logprobs, batch.prompt_targets, top_n)
+        ids, values = ids.tolist(), values.tolist()
+        out: dict[str, list[dict[int, float]]] = {}
+        row = 0
+        for request_id, count, n in batch.prompt_spans:
+            out[request_id] = [_entry(ids[r], values[r], n) for r in range(row, row + count)]
+            row += count
+        return out
+
+
+def _entry(ids: list[int], values: list[float], n: int) -> dict[int, float]:
+    """The chosen token first, then the top ``n`` (a dict keeps that order; the chosen one may repeat)."""
+    entry = {ids[0]: values[0]}
+    for token, value in zip(ids[1 : n + 1], values[1 : n + 1]):
+        entry.setdefault(token, value)
+    return entry
+
+
+def logprob_dicts(
+    ids: torch.Tensor, values: torch.Tensor, chunks: list[ScheduledChunk]
+) -> list[dict[int, float] | None]:
+    ids_list, values_list = ids.tolist(), values.tolist()
+    result: list[dict[int, float] | None] = []
+    for row, chunk in enumerate(chunks):
+        n = chunk.request.sampling_params.logprobs
+        result.append(None if n is None else _entry(ids_list[row], values_list[row], n))
+    return result

@@ -41,6 +41,33 @@ def uniform_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 @dataclass
+class Penalties:
+    """OpenAI-style presence/frequency penalties on output tokens, and the repetition penalty (as in HF and
+    vLLM: divide positive logits, multiply negative ones) on every token seen in the prompt or the output."""
+
+    presence: torch.Tensor  # [B]
+    frequency: torch.Tensor  # [B]
+    repetition: torch.Tensor  # [B]
+    output_counts: torch.Tensor  # [B, V] float32: how often each token was generated
+    seen: torch.Tensor  # [B, V] bool: in the prompt or the output
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        repetition = self.repetition.unsqueeze(1)
+        penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
+        logits = torch.where(self.seen, penalised, logits)
+        logits = logits - self.frequency.unsqueeze(1) * self.output_counts
+        return logits - self.presence.unsqueeze(1) * (self.output_counts > 0).float()
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [B]
+    # with logprobs asked for: the sampled token then the top-N, ids and log-probabilities, [B, N + 1]
+    logprob_ids: torch.Tensor | None = None
+    logprobs: torch.Tensor | None = None
+
+
+@dataclass
 class SamplingBatch:
     """Per-row sampling settings as device tensors; flags say which optional filters any row needs."""
 
@@ -54,11 +81,24 @@ class SamplingBatch:
     use_min_p: bool
     # (rows, token ids) that may not be sampled yet: stop tokens of requests still short of min_tokens
     banned: tuple[torch.Tensor, torch.Tensor] | None = None
+    penalties: Penalties | None = None
+    num_logprobs: int = -1  # the most top logprobs any row asks for; -1: none
 
 
 class Sampler(nn.Module):
-    def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         logits = logits.float()
+        # logprobs describe the model's own distribution, before penalties, temperature and filters
+        raw_logprobs = logits.log_softmax(dim=-1) if batch.num_logprobs >= 0 else None
+        token_ids = self._sample(logits, batch)
+        if raw_logprobs is None:
+            return SamplerOutput(token_ids)
+        ids, values = top_logprobs(raw_logprobs, token_ids, batch.num_logprobs)
+        return SamplerOutput(token_ids, ids, values)
+
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        if batch.penalties is not None:
+            logits = batch.penalties.apply(logits)
         if batch.banned is not None:
             logits = logits.index_put(batch.banned, torch.tensor(float("-inf"), device=logits.device))
         greedy = logits.argmax(dim=-1)
@@ -73,6 +113,16 @@ class Sampler(nn.Module):
         gumbel = -torch.log(-torch.log(uniform_noise(batch.keys, logits.shape[-1])))
         sampled = (logits + gumbel).argmax(dim=-1)
         return torch.where(batch.temperatures > 0, sampled, greedy)
+
+
+def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chosen token's logprob followed by the ``n`` largest: ids and values, ``[B, n + 1]``."""
+    chosen = chosen.view(-1, 1)
+    chosen_values = logprobs.gather(1, chosen)
+    if n == 0:
+        return chosen, chosen_values
+    top_values, top_ids = logprobs.topk(n, dim=-1)
+    return torch.cat([chosen, top_ids], dim=1), torch.cat([chosen_values, top_values], dim=1)
 
 
 def _apply_min_p(logits: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:

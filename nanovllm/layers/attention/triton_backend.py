@@ -1,0 +1,90 @@
+"""Attention backend on this package's Triton kernels (the GPU default).
+
+Per layer: ``store_kv`` writes the new tokens' K/V into the paged cache, then a decode-only batch runs
+the split-KV ``paged_decode`` and any other batch (prefill chunks, prefix-hit extends, decodes mixed
+in) runs ``paged_prefill`` in one launch. Nothing here reads device data on the host, so a forward
+can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from nanovllm.kernels.kv_write import store_kv
+from nanovllm.kernels.paged_decode import alloc_decode_workspace, paged_decode
+from nanovllm.kernels.paged_prefill import paged_prefill
+from nanovllm.layers.attention.base import AttentionBackend
+from nanovllm.layers.attention.metadata import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Paged attention through Triton kernels.
+
+    Args:
+        num_heads, num_kv_heads, head_dim: this rank's attention shapes (query heads a multiple of KV heads).
+        max_num_seqs: largest decode batch; the split-KV workspace is sized for it once, here.
+        device: where the workspace lives.
+        num_splits: fixed KV splits per decode sequence; ``None`` picks it from the batch size alone
+            (enough programs to fill the GPU about twice, at most ``max_num_splits``). Either way it
+            depends on shapes only, so a graph captured for one batch size replays the same launch.
+        max_num_splits: upper bound for the automatic choice (and the workspace's split dimension).
+    """
+
+    name = "triton"
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_num_seqs: int,
+        device: torch.device | str,
+        num_splits: int | None = None,
+        max_num_splits: int = 16,
+    ) -> None:
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.max_num_seqs = max_num_seqs
+        self.fixed_splits = num_splits
+        self.max_num_splits = num_splits if num_splits is not None else max_num_splits
+        device = torch.device(device)
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+        self.target_programs = 2 * num_sms
+        # one workspace serves every layer: layers run one after another on the same stream
+        self.workspace = alloc_decode_workspace(max_num_seqs, num_heads, head_dim, self.max_num_splits, device)
+        logger.debug("triton attention: %d/%d heads, dim %d, splits %s (max %d)", num_heads, num_kv_heads,
+                     head_dim, num_splits or "auto", self.max_num_splits)
+
+    def num_splits_for(self, batch: int) -> int:
+        """KV splits per sequence for a decode batch of ``batch`` sequences (shape-only choice)."""
+        if self.fixed_splits is not None:
+            return self.fixed_splits
+        # few sequences leave SMs idle unless their KV is split; a full batch needs no split
+        want = -(-self.target_programs // max(1, batch * self.num_kv_heads))
+        return max(1, min(self.max_num_splits, want))
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_decode_only:
+            batch = q.shape[0]
+            num_splits = self.num_splits_for(batch)
+            workspace = self.workspace if batch <= self.max_num_seqs else None  # fallback allocates
+            return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
+                                num_splits=num_splits, workspace=workspace)
+        return paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                             meta.query_start_loc, scale)
