@@ -76,6 +76,14 @@ class LLM:
             bar.close()
         return [results[request_id] for request_id in request_ids]
 
+    def stats(self) -> dict[str, float]:
+        """Counters since start-up: steps, prompt and generated tokens, preemptions, prefix-cache use, host time."""
+        return self.engine.stats()
+
+    def model_info(self) -> dict[str, int]:
+        """Sizes that bound speed: weight bytes read per step, KV bytes per token, matmul parameters."""
+        return self.engine.core.executor.model_info()
+
     def chat(
         self,
         messages: list[dict[str, str]] | list[list[dict[str, str]]],

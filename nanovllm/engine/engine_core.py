@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.kv_manager import KVCacheManager
@@ -32,8 +32,8 @@ class EngineStats:
     num_preemptions: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, tokens served from it
-    step_time_s: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
+    step_time_s: float = 0.0  # wall time inside step()
+    host_time_s: float = 0.0  # of that, time the host was busy (not waiting for the device)
 
 
 class EngineCore:
@@ -82,7 +82,9 @@ class EngineCore:
         result = self.executor.execute(sched)
         updated = self.scheduler.update(sched, result)
         self._count(sched, len(updated))
-        self.stats.step_time_s += time.perf_counter() - start
+        step_time = time.perf_counter() - start
+        self.stats.step_time_s += step_time
+        self.stats.host_time_s += step_time - getattr(self.executor, "take_wait_time", lambda: 0.0)()
         return [self._output(request, token, logprobs) for request, token, logprobs in updated]
 
     @staticmethod

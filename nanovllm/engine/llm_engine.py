@@ -1,6 +1,7 @@
 """The synchronous engine: input checks, the engine core and output processing in one process."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -80,6 +81,12 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.core.has_unfinished()
+
+    def stats(self) -> dict[str, float]:
+        stats = dataclasses.asdict(self.core.stats)
+        stats.update(kv_usage=self.core.kv_usage(), num_running=self.core.scheduler.num_running,
+                     num_waiting=self.core.scheduler.num_waiting)
+        return stats
 
     def step(self) -> list[RequestOutput]:
         outputs, to_stop = self.output_processor.process(self.core.step())

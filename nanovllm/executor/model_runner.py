@@ -157,6 +157,19 @@ class ModelRunner:
             dst = torch.tensor([d for _, d in copies], device=self.device)
             self.kv_pool[:, :, dst] = self.kv_pool[:, :, src]
 
+    def model_info(self) -> dict[str, int]:
+        params = list(self.model.parameters())
+        weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in params}.values())
+        embedding = self.model.model.embed_tokens.weight
+        matmul_params = sum(p.numel() for p in params if p.dim() == 2 and p is not embedding)
+        if getattr(self.model, "tie_word_embeddings", False):
+            matmul_params += embedding.numel()  # the tied lm head is still a matmul
+        return {
+            "weight_bytes": weight_bytes,
+            "kv_bytes_per_token": self.page_bytes() // self.block_size,
+            "num_matmul_params": matmul_params,
+        }
+
     # ---- a step -----------------------------------------------------------------------------------------------
 
     @torch.inference_mode()

@@ -1,0 +1,157 @@
+"""``nanovllm bench throughput``: offline generation throughput, by default the original nano-vllm bench.py workload.
+
+That workload: ``random.seed(0)``; 256 prompts of random token ids in [0, 10000] with lengths uniform in
+[100, 1024]; then, for each, ``max_tokens`` uniform in [100, 1024]; temperature 0.6, ``ignore_eos``,
+``max_model_len=4096``; one warm-up generate before timing; Qwen3-0.6B's shape with dummy weights. On CPU the
+same command runs a scaled-down case (8 prompts, lengths in [8, 64]).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.benchmarks.roofline import DeviceCeilings, measure_ceilings, throughput_floor
+from nanovllm.testing import PRESETS, write_config_only
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    max_tokens: list[int]
+
+
+def nano_vllm_workload(num_prompts: int, input_range: tuple[int, int], output_range: tuple[int, int]) -> Workload:
+    """Drawn in the original order: every prompt first, then every output length."""
+    random.seed(0)
+    prompts = [
+        [random.randint(0, 10000) for _ in range(random.randint(*input_range))] for _ in range(num_prompts)
+    ]
+    max_tokens = [random.randint(*output_range) for _ in range(num_prompts)]
+    return Workload(prompts, max_tokens)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="qwen3-0.6b",
+                        help=f"checkpoint directory, hub id, or a shape preset for dummy weights: {sorted(PRESETS)}")
+    parser.add_argument("--num-prompts", type=int, default=None)
+    parser.add_argument("--input-len", type=int, default=None, help="fixed prompt length (default: the workload's range)")
+    parser.add_argument("--output-len", type=int, default=None, help="fixed output length (default: the workload's range)")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--load-format", default=None, help="'dummy' (default for presets) or 'auto'")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--output-json", default=None, help="write the figures to this file")
+
+
+def main(args: argparse.Namespace) -> dict:
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    small = device == "cpu"
+    num_prompts = args.num_prompts or (8 if small else 256)
+    default_range = (8, 64) if small else (100, 1024)
+    input_range = (args.input_len, args.input_len) if args.input_len else default_range
+    output_range = (args.output_len, args.output_len) if args.output_len else default_range
+    workload = nano_vllm_workload(num_prompts, input_range, output_range)
+
+    model, load_format = args.model, args.load_format
+    if model in PRESETS:
+        model = write_config_only(tempfile.mkdtemp(prefix="nanovllm-bench-"), model)
+        load_format = load_format or "dummy"
+    engine_args = dict(
+        device=device, dtype=args.dtype, enforce_eager=args.enforce_eager, load_format=load_format or "auto",
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
+        enable_prefix_caching=not args.no_prefix_caching, tensor_parallel_size=args.tensor_parallel_size,
+    )
+    if args.max_num_batched_tokens:
+        engine_args["max_num_batched_tokens"] = args.max_num_batched_tokens
+    llm = LLM(model, **engine_args)
+    params = [SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=n) for n in workload.max_tokens]
+
+    llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=16), use_tqdm=False)  # warm-up
+    stats_before = llm.stats()
+    start = time.perf_counter()
+    outputs = llm.generate(workload.prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    stats_after = llm.stats()
+
+    prompt_tokens = sum(len(p) for p in workload.prompts)
+    output_tokens = sum(len(o.token_ids) for o in outputs)  # counted, not assumed from max_tokens
+    steps = stats_after["num_steps"] - stats_before["num_steps"]
+    host_time = stats_after["host_time_s"] - stats_before["host_time_s"]
+    result = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "model": args.model,
+        "num_prompts": num_prompts,
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": output_tokens,
+        "elapsed_s": elapsed,
+        "output_tok_per_s": output_tokens / elapsed,
+        "total_tok_per_s": (prompt_tokens + output_tokens) / elapsed,
+        "steps": steps,
+        "mean_step_ms": 1e3 * elapsed / max(steps, 1),
+        "mean_host_ms_per_step": 1e3 * host_time / max(steps, 1),
+        "preemptions": stats_after["num_preemptions"] - stats_before["num_preemptions"],
+    }
+    if device == "cuda":
+        ceilings: DeviceCeilings = measure_ceilings()
+        floor_s = throughput_floor(llm, workload.prompts, [len(o.token_ids) for o in outputs], ceilings)
+        result.update(
+            copy_bandwidth_gb_s=ceilings.copy_bandwidth / 1e9,
+            matmul_tflops=ceilings.matmul_flops / 1e12,
+            floor_s=floor_s,
+            floor_output_tok_per_s=output_tokens / floor_s,
+            ratio_to_floor=floor_s / elapsed,
+        )
+    _print(result)
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def _print(result: dict) -> None:
+    lines = [
+        f"device            {result['device']}",
+        f"model             {result['model']}  ({result['num_prompts']} prompts)",
+        f"tokens            {result['prompt_tokens']} prompt, {result['output_tokens']} output (generated)",
+        f"elapsed           {result['elapsed_s']:.2f} s over {result['steps']} steps "
+        f"({result['mean_step_ms']:.2f} ms/step, host {result['mean_host_ms_per_step']:.2f} ms/step)",
+        f"throughput        {result['output_tok_per_s']:,.0f} output tok/s, {result['total_tok_per_s']:,.0f} total tok/s",
+    ]
+    if "floor_s" in result:
+        lines += [
+            f"device ceilings   copy {result['copy_bandwidth_gb_s']:,.0f} GB/s, bf16 matmul "
+            f"{result['matmul_tflops']:,.0f} TFLOP/s",
+            f"floor             {result['floor_s']:.2f} s = {result['floor_output_tok_per_s']:,.0f} output tok/s; "
+            f"we reach {100 * result['ratio_to_floor']:.1f}% of it",
+        ]
+    print("\n".join(lines))
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main(parser.parse_args())
+
+
+if __name__ == "__main__":
+    cli()
