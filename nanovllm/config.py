@@ -25,7 +25,8 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: sized from free memory
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gib: float = 2.0  # KV pool size on CPU when num_kv_blocks is not given
-    enforce_eager: bool = False
+    enforce_eager: bool = False  # no CUDA graphs
+    async_scheduling: bool | None = None  # overlap scheduling with the device; None: on for CUDA
     load_format: str = "auto"
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"

@@ -4,11 +4,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.kv_manager import KVCacheManager
 from nanovllm.engine.request import Request, RequestStatus
-from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,9 @@ class EngineCore:
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len
         )
         self.stats = EngineStats()
+        overlap = config.async_scheduling
+        self.overlap = getattr(executor, "device_type", "cpu") == "cuda" if overlap is None else overlap
+        self.in_flight: tuple[SchedulerOutput, Any] | None = None
 
     @property
     def num_kv_pages(self) -> int:
@@ -72,16 +76,22 @@ class EngineCore:
         self.scheduler.finish_request(request_id, RequestStatus.FINISHED_STOPPED, stop_reason)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self.in_flight is not None
 
     def step(self) -> list[EngineCoreOutput]:
+        """One scheduling round. With overlap, step N+1 is scheduled and queued on the device before step N's
+        results are read back, so the host's work hides behind the device's; results arrive one call late."""
         start = time.perf_counter()
         sched = self.scheduler.schedule()
-        if sched.is_empty:
-            return []
-        result = self.executor.execute(sched)
-        updated = self.scheduler.update(sched, result)
-        self._count(sched, len(updated))
+        launched = None if sched.is_empty else (sched, self.executor.launch(sched))
+        if not self.overlap and launched is not None:
+            self.in_flight, launched = launched, None
+        updated = []
+        if self.in_flight is not None:
+            done_sched, pending = self.in_flight
+            updated = self.scheduler.update(done_sched, self.executor.collect(pending))
+            self._count(done_sched, len(updated))
+        self.in_flight = launched
         step_time = time.perf_counter() - start
         self.stats.step_time_s += step_time
         self.stats.host_time_s += step_time - getattr(self.executor, "take_wait_time", lambda: 0.0)()

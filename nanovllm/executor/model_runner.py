@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 import logging
+import time
 from itertools import accumulate
 from typing import Any
 
 import torch
 
 from nanovllm.config import EngineConfig
-from nanovllm.engine.scheduler import ModelOutput, ScheduledChunk, SchedulerOutput
+from nanovllm.engine.scheduler import ModelOutput, SchedulerOutput
 from nanovllm.executor.input_batch import ForwardBatch, build_forward_batch
 from nanovllm.layers.attention import make_attention_backend
 from nanovllm.layers.attention.context import set_forward_context
 from nanovllm.layers.attention.layer import Attention
-from nanovllm.layers.sampler import Sampler, top_logprobs
+from nanovllm.executor.logprobs import PendingStep, prompt_logprobs
+from nanovllm.layers.sampler import Sampler
 from nanovllm.loader import init_dummy_weights, load_weights
 from nanovllm.models.registry import get_model_class
 
@@ -46,6 +48,7 @@ class ModelRunner:
         self.config = config
         hf_config = config.hf_config
         self.device = resolve_device(config.device)
+        self.device_type = self.device.type
         self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
         self.block_size = config.block_size
         self.vocab_size = hf_config.vocab_size
@@ -70,6 +73,9 @@ class ModelRunner:
             config.attention_backend, self.device, self.dtype, self.attention_layers[0], config
         )
         self.sampler = Sampler()
+        self.last_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self._wait_time = 0.0
+        self.graphs = None
         self.num_kv_blocks = self._size_kv_pool()
         self._allocate_kv_pool(self.num_kv_blocks)
         logger.info(
@@ -174,58 +180,60 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
-        """Run one scheduled batch; sample a token for each chunk with ``sample`` set."""
+        """Run one scheduled batch and wait for it; sample a token for each chunk with ``sample`` set."""
+        return self.collect(self.launch(sched))
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput) -> PendingStep:
+        """Queue one step on the device and start copying its results back; returns without waiting."""
         self.copy_pages(sched.page_copies)
         batch = build_forward_batch(sched, self.block_size, self.vocab_size, self.device)
-        hidden = self.forward(batch)
-        result = ModelOutput(token_ids=[])
+        sampled_chunks = sched.sampled_chunks
+        pending = PendingStep(sampled_chunks)
+        logits, hidden = self.forward(batch)
         if batch.prompt_spans:
-            result.prompt_logprobs = self._prompt_logprobs(hidden, batch)
-        if batch.sampling is None:
-            return result
-        sampled = self.sampler(self.model.compute_logits(hidden[batch.logits_indices]), batch.sampling)
-        self.last_sampled = sampled.token_ids
-        for row, chunk in enumerate(sched.sampled_chunks):
-            chunk.request.sample_row = row
-        result.token_ids = sampled.token_ids.tolist()
-        if sampled.logprobs is not None:
-            result.logprobs = logprob_dicts(sampled.logprob_ids, sampled.logprobs, sched.sampled_chunks)
-        return result
+            ids, values = prompt_logprobs(self.model.compute_logits(hidden[batch.prompt_rows]), batch)
+            pending.prompt = (self._to_host(ids), self._to_host(values), batch.prompt_spans)
+        if batch.sampling is not None:
+            sampled = self.sampler(logits, batch.sampling)
+            self.last_sampled = sampled.token_ids
+            for row, chunk in enumerate(sampled_chunks):
+                chunk.request.sample_row = row
+            pending.token_ids = self._to_host(sampled.token_ids)
+            if sampled.logprobs is not None:
+                pending.logprobs = (self._to_host(sampled.logprob_ids), self._to_host(sampled.logprobs))
+        if self.device.type == "cuda":
+            pending.event = torch.cuda.Event()
+            pending.event.record()
+        return pending
 
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+    def collect(self, pending: PendingStep) -> ModelOutput:
+        """Wait for a launched step and turn its results into lists."""
+        if pending.event is not None:
+            start = time.perf_counter()
+            pending.event.synchronize()
+            self._wait_time += time.perf_counter() - start
+        return pending.to_model_output()
+
+    def take_wait_time(self) -> float:
+        """Seconds spent blocked on the device since the last call (so the engine can report host time)."""
+        wait, self._wait_time = self._wait_time, 0.0
+        return wait
+
+    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return tensor
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        return host.copy_(tensor, non_blocking=True)
+
+    def forward(self, batch: ForwardBatch) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Logits of the rows to sample (None if there are none) and the hidden states of every row."""
         if batch.pending_rows is not None:
             batch.input_ids[batch.pending_rows] = self.last_sampled[batch.pending_sources]
+        if self.graphs is not None and self.graphs.can_run(batch):
+            return self.graphs.run(batch)
         self.backend.prepare(batch.meta)
         with set_forward_context(batch.meta, self.backend):
-            return self.model(batch.input_ids, batch.positions)
-
-    def _prompt_logprobs(self, hidden: torch.Tensor, batch: ForwardBatch) -> dict[str, list[dict[int, float]]]:
-        logprobs = self.model.compute_logits(hidden[batch.prompt_rows]).float().log_softmax(dim=-1)
-        top_n = max(n for _, _, n in batch.prompt_spans)
-        ids, values = top_logprobs(logprobs, batch.prompt_targets, top_n)
-        ids, values = ids.tolist(), values.tolist()
-        out: dict[str, list[dict[int, float]]] = {}
-        row = 0
-        for request_id, count, n in batch.prompt_spans:
-            out[request_id] = [_entry(ids[r], values[r], n) for r in range(row, row + count)]
-            row += count
-        return out
-
-
-def _entry(ids: list[int], values: list[float], n: int) -> dict[int, float]:
-    """The chosen token first, then the top ``n`` (a dict keeps that order; the chosen one may repeat)."""
-    entry = {ids[0]: values[0]}
-    for token, value in zip(ids[1 : n + 1], values[1 : n + 1]):
-        entry.setdefault(token, value)
-    return entry
-
-
-def logprob_dicts(
-    ids: torch.Tensor, values: torch.Tensor, chunks: list[ScheduledChunk]
-) -> list[dict[int, float] | None]:
-    ids_list, values_list = ids.tolist(), values.tolist()
-    result: list[dict[int, float] | None] = []
-    for row, chunk in enumerate(chunks):
-        n = chunk.request.sampling_params.logprobs
-        result.append(None if n is None else _entry(ids_list[row], values_list[row], n))
-    return result
+            hidden = self.model(batch.input_ids, batch.positions)
+        logits = self.model.compute_logits(hidden[batch.logits_indices]) if batch.sampling is not None else None
+        return logits, hidden
