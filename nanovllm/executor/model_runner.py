@@ -10,6 +10,7 @@ import torch
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.scheduler import ModelOutput, SchedulerOutput
+from nanovllm.executor.cuda_graph import CUDAGraphRunner
 from nanovllm.executor.input_batch import ForwardBatch, build_forward_batch
 from nanovllm.layers.attention import make_attention_backend
 from nanovllm.layers.attention.context import set_forward_context
@@ -78,10 +79,15 @@ class ModelRunner:
         self.graphs = None
         self.num_kv_blocks = self._size_kv_pool()
         self._allocate_kv_pool(self.num_kv_blocks)
+        if self.device.type == "cuda" and not config.enforce_eager and self.backend.name != "torch":
+            self.graphs = CUDAGraphRunner(self, config.max_num_seqs, config.max_model_len)
+            self.graphs.capture()
+        pool_tokens = self.num_kv_blocks * self.block_size
         logger.info(
-            "model %s on %s in %s; KV pool: %d pages of %d tokens (%d tokens), attention backend %s",
-            type(self.model).__name__, self.device, self.dtype, self.num_kv_blocks, self.block_size,
-            self.num_kv_blocks * self.block_size, self.backend.name,
+            "model %s on %s in %s, attention backend %s; KV pool: %d pages of %d tokens = %d tokens, "
+            "%.1f requests of max_model_len %d at once",
+            type(self.model).__name__, self.device, self.dtype, self.backend.name, self.num_kv_blocks,
+            self.block_size, pool_tokens, pool_tokens / config.max_model_len, config.max_model_len,
         )
 
     # ---- the KV pool ------------------------------------------------------------------------------------------

@@ -1,0 +1,97 @@
+"""CUDA graphs for decode: one captured forward (model and LM head) per batch-size bucket.
+
+A decode step launches hundreds of small kernels; replaying them as one graph removes the per-kernel launch cost
+from the host. Graphs read their inputs from static buffers, so a step copies its batch into those, pads the batch
+up to the bucket (padding rows write no KV and read one token of page 0), and replays.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from nanovllm.layers.attention.context import set_forward_context
+from nanovllm.layers.attention.metadata import AttentionMetadata
+
+if TYPE_CHECKING:
+    from nanovllm.executor.input_batch import ForwardBatch
+    from nanovllm.executor.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+def batch_size_buckets(max_batch_size: int) -> list[int]:
+    small = [b for b in (1, 2, 4, 8) if b < max_batch_size]
+    return small + list(range(16, max_batch_size, 16)) + [max_batch_size]
+
+
+class CUDAGraphRunner:
+    def __init__(self, runner: ModelRunner, max_batch_size: int, max_model_len: int) -> None:
+        self.runner = runner
+        self.buckets = batch_size_buckets(max_batch_size)
+        self.max_batch_size = max_batch_size
+        device = runner.device
+        max_pages = -(-max_model_len // runner.block_size)
+        self.input_ids = torch.zeros(max_batch_size, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_batch_size, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((max_batch_size,), -1, dtype=torch.int64, device=device)
+        self.seq_lens = torch.ones(max_batch_size, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(max_batch_size, max_pages, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(max_batch_size + 1, dtype=torch.int32, device=device)
+        self.max_model_len = max_model_len
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+
+    def _meta(self, batch_size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:batch_size],
+            query_start_loc=self.query_start_loc[: batch_size + 1],
+            seq_lens=self.seq_lens[:batch_size],
+            block_tables=self.block_tables[:batch_size],
+            max_query_len=1,
+            max_seq_len=self.max_model_len,
+        )
+
+    def _forward(self, batch_size: int, meta: AttentionMetadata) -> torch.Tensor:
+        model = self.runner.model
+        with set_forward_context(meta, self.runner.backend):
+            hidden = model(self.input_ids[:batch_size], self.positions[:batch_size])
+        return model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = None
+        for batch_size in reversed(self.buckets):  # largest first, so smaller graphs fit in its memory pool
+            meta = self._meta(batch_size)
+            self.runner.backend.prepare(meta)
+            self._forward(batch_size, meta)  # warm-up: compiles kernels and settles the allocator
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[batch_size] = self._forward(batch_size, meta)
+            pool = graph.pool() if pool is None else pool
+            self.graphs[batch_size] = graph
+        torch.cuda.synchronize()
+        logger.info("captured CUDA graphs for decode batch sizes %s", self.buckets)
+
+    def can_run(self, batch: ForwardBatch) -> bool:
+        meta = batch.meta
+        return meta.is_decode_only and meta.num_seqs <= self.max_batch_size and batch.prompt_spans is None
+
+    def run(self, batch: ForwardBatch) -> tuple[torch.Tensor, None]:
+        """Logits of every row (decode rows all sample). No hidden states: no caller needs them for decode."""
+        meta = batch.meta
+        size = meta.num_seqs
+        bucket = next(b for b in self.buckets if b >= size)
+        self.input_ids[:size].copy_(batch.input_ids)
+        self.positions[:size].copy_(batch.positions)
+        self.slot_mapping[:size].copy_(meta.slot_mapping)
+        self.slot_mapping[size:bucket].fill_(-1)
+        self.seq_lens[:size].copy_(meta.seq_lens)
+        self.seq_lens[size:bucket].fill_(1)
+        width = meta.block_tables.shape[1]
+        self.block_tables[:size, :width].copy_(meta.block_tables)
+        self.block_tables[size:bucket].zero_()
+        self.graphs[bucket].replay()
+        return self.logits[bucket][:size], None
