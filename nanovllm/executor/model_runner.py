@@ -71,7 +71,7 @@ class ModelRunner:
         self.model.eval()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.backend = make_attention_backend(
-            config.attention_backend, self.device, self.dtype, self.attention_layers[0], config
+            config.attention_backend, self.device, self.attention_layers[0], config
         )
         self.sampler = Sampler()
         self.last_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)

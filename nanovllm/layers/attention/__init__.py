@@ -12,9 +12,7 @@ from nanovllm.layers.attention.torch_backend import TorchAttentionBackend
 logger = logging.getLogger(__name__)
 
 
-def make_attention_backend(
-    name: str, device: torch.device, dtype: torch.dtype, layer: Any, config: Any
-) -> AttentionBackend:
+def make_attention_backend(name: str, device: torch.device, layer: Any, config: Any) -> AttentionBackend:
     """``auto`` is Triton on CUDA when Triton imports, else the torch reference."""
     if name == "auto":
         name = "triton" if device.type == "cuda" and _triton_available() else "torch"
@@ -29,7 +27,6 @@ def make_attention_backend(
         num_kv_heads=layer.num_kv_heads,
         head_dim=layer.head_dim,
         max_num_seqs=config.max_num_seqs,
-        dtype=dtype,
         device=device,
     )
 
