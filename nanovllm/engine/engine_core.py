@@ -117,6 +117,9 @@ class EngineCore:
         stats.num_steps += 1
         stats.num_generated_tokens += num_generated
         stats.num_preemptions = self.scheduler.num_preemptions
+        cache = self.kv.prefix_cache
+        if cache is not None:
+            stats.prefix_cache_queries, stats.prefix_cache_hits = cache.stats.query_tokens, cache.stats.hit_tokens
         for chunk in sched.chunks:
             if chunk.start < chunk.request.num_prompt_tokens:
                 stats.num_prompt_tokens += min(chunk.num_tokens, chunk.request.num_prompt_tokens - chunk.start)

@@ -109,11 +109,25 @@ class Scheduler:
                 self._schedule_chunk(request, num_tokens, out)
 
         # New (or preempted) requests, only when nothing had to be preempted: there is no room to grow.
-        while self.waiting and len(self.running) < self.max_num_seqs and not out.preempted:
+        if not out.preempted:
+            self._admit(out)
+
+        out.page_copies = self.kv.take_page_copies()
+        return out
+
+    def _admit(self, out: SchedulerOutput) -> None:
+        """Start waiting requests in arrival order while the budget, the sequence limit and the pool allow.
+
+        With the prefix cache on, a prompt whose first page matches a prompt being prefilled right now waits a
+        step, so it can reuse that prefill's pages instead of computing the same KV alongside it."""
+        prefilling = self._prefilling_first_pages()
+        for request in list(self.waiting):
             budget = self.max_num_batched_tokens - out.num_batched_tokens
-            if budget == 0:
+            if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
-            request = self.waiting[0]
+            first_page = self._first_page(request)
+            if first_page is not None and first_page in prefilling:
+                continue
             if not request.page_table:
                 self.kv.match_prefix(request)
                 if request.num_cached_tokens < 0:
@@ -123,13 +137,27 @@ class Scheduler:
                 self.kv.free(request)
                 request.num_computed_tokens = 0
                 break
-            self.waiting.popleft()
+            self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            if first_page is not None and request.num_computed_tokens + self.kv.page_size < request.num_prompt_tokens:
+                prefilling.add(first_page)  # it computes at least one full page others could reuse
             self._schedule_chunk(request, num_tokens, out)
 
-        out.page_copies = self.kv.take_page_copies()
-        return out
+    def _first_page(self, request: Request) -> tuple[int, ...] | None:
+        """The request's first page of prompt tokens, when prefix sharing could apply to it."""
+        size = self.kv.page_size
+        if self.kv.prefix_cache is None or request.num_prompt_tokens <= size:
+            return None
+        return tuple(request.prompt_token_ids[:size])
+
+    def _prefilling_first_pages(self) -> set[tuple[int, ...]]:
+        if self.kv.prefix_cache is None:
+            return set()
+        return {
+            page for r in self.running
+            if r.num_computed_tokens < r.num_prompt_tokens and (page := self._first_page(r)) is not None
+        }  # (running requests still short of their prompt: their next chunk is being computed)
 
     def _make_room(self, request: Request, num_tokens: int, out: SchedulerOutput) -> bool:
         """Allocate pages for the chunk, preempting the newest running requests until it fits.
@@ -157,6 +185,7 @@ class Scheduler:
         for i, chunk in enumerate(out.chunks):  # already scheduled in this step: take its chunk back
             if chunk.request is request:
                 out.num_batched_tokens -= chunk.num_tokens
+                request.num_computed_tokens = chunk.start  # nothing of the chunk will be computed
                 if chunk.sample:
                     request.token_ids.pop()
                 del out.chunks[i]
@@ -188,7 +217,7 @@ class Scheduler:
             if request.request_id in result.prompt_logprobs and not request.prompt_logprobs_sent:
                 request.prompt_logprobs.extend(result.prompt_logprobs[request.request_id])
             if chunk.start < request.num_prompt_tokens:
-                self.kv.cache_computed(request)
+                self.kv.cache_computed(request, chunk.start + chunk.num_tokens)
             if row is None:
                 continue
             token = result.token_ids[row]
