@@ -46,16 +46,21 @@ class MoEConfig:
 def pick_config(num_tokens: int, num_experts: int, top_k: int) -> MoEConfig:
     """Choose tiles from the mean rows per expert (``M*k/E``).
 
-    Decode (few rows per expert) is bound by reading expert weights: BLOCK_M=16 (the smallest
-    ``tl.dot`` tile) wastes the least padding and narrow N tiles give enough programs to keep the
-    loads in flight. Prefill is compute bound: bigger tiles reuse each weight tile for more rows.
+    Decode (a few rows per expert) is bound by reading expert weights: BLOCK_M=16 (the smallest
+    ``tl.dot`` tile) wastes the least padding and 64-wide N tiles give enough programs to keep the
+    loads in flight. As rows per expert grow the GEMMs turn compute bound and bigger tiles reuse each
+    weight tile for more rows. Picked with ``benchmarks/bench_moe.py --sweep`` on an H100 at
+    Qwen3-30B-A3B shapes (E=128, k=8, H=2048, I=768): M=1..64 -> 16, 256 -> 32, 1024 -> 64,
+    4096/8192 -> 128 (BLOCK_M=128 beat 64 by ~15% there).
     """
     rows_per_expert = num_tokens * top_k / num_experts
-    if rows_per_expert <= 16:
+    if rows_per_expert <= 8:
         return MoEConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
-    if rows_per_expert <= 64:
-        return MoEConfig(block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=4)
-    return MoEConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+    if rows_per_expert <= 32:
+        return MoEConfig(block_m=32, block_n=128, block_k=128, num_warps=4, num_stages=3)
+    if rows_per_expert <= 128:
+        return MoEConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3)
+    return MoEConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
 
 
 # --------------------------------------------------------------------------------------------

@@ -186,8 +186,8 @@ def paged_decode(
 
     ``block_tables [B, P]`` int32 page ids, ``seq_lens [B]`` int32 KV lengths (0 gives a zero row).
     ``workspace`` from ``alloc_decode_workspace`` with at least ``B`` rows and ``num_splits`` splits;
-    allocated here when omitted. ``block_n`` is the KV tile (tokens per loop step), default
-    ``max(64, page size)``.
+    allocated here when omitted. ``block_n`` is the KV tile (tokens per loop step); the default
+    was the fastest on an H100 at batch 256 (128 unsplit, 64 split).
     """
     batch, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
@@ -202,7 +202,7 @@ def paged_decode(
     if batch == 0:
         return out
     group = num_heads // num_kv_heads
-    block_n = block_n or max(64, page_size)
+    block_n = block_n or (128 if num_splits == 1 else 64)
     assert block_n >= 16 and block_n & (block_n - 1) == 0
 
     if num_splits > 1:

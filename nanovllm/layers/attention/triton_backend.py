@@ -28,8 +28,8 @@ class TritonAttentionBackend(AttentionBackend):
         max_num_seqs: largest decode batch; the split-KV workspace is sized for it once, here.
         device: where the workspace lives.
         num_splits: fixed KV splits per decode sequence; ``None`` picks it from the batch size alone
-            (enough programs to fill the GPU about twice, at most ``max_num_splits``). Either way it
-            depends on shapes only, so a graph captured for one batch size replays the same launch.
+            (about 8 programs per SM, at most ``max_num_splits``). Either way it depends on shapes
+            only, so a graph captured for one batch size replays the same launch.
         max_num_splits: upper bound for the automatic choice (and the workspace's split dimension).
     """
 
@@ -55,7 +55,8 @@ class TritonAttentionBackend(AttentionBackend):
         self.max_num_splits = num_splits if num_splits is not None else max_num_splits
         device = torch.device(device)
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-        self.target_programs = 2 * num_sms
+        # H100, 8 KV heads, context U[100, 2048]: batch 16 wanted 16 splits, 64 wanted 4, 256 wanted 1
+        self.target_programs = 8 * num_sms
         # one workspace serves every layer: layers run one after another on the same stream
         self.workspace = alloc_decode_workspace(max_num_seqs, num_heads, head_dim, self.max_num_splits, device)
         logger.debug("triton attention: %d/%d heads, dim %d, splits %s (max %d)", num_heads, num_kv_heads,
