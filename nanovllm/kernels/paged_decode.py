@@ -23,9 +23,12 @@ LOG2E = math.log2(math.e)
 
 @triton.jit
 def _mma(a, b, acc, INTERP: tl.constexpr):
-    """``acc + a @ b`` in fp32; the interpreter multiplies bf16 bit patterns unless upcast."""
+    """``acc + a @ b`` in fp32; the interpreter multiplies bf16 bit patterns unless upcast. float32 inputs use
+    full-precision products (not tf32), so a float32 model matches the torch backend token for token."""
     if INTERP:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc)
 
 
