@@ -41,6 +41,18 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return self._append(delta)
 
+    def flush(self) -> str:
+        """At the end of a request: emit the text held back for an incomplete character (as U+FFFD), as a full
+        decode would show it."""
+        if self.stop_reason is not None or self.read_offset == len(self.ids):
+            return ""
+        prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full_text = self._decode(self.ids[self.prefix_offset :])
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        if len(full_text) <= len(prefix_text):
+            return ""
+        return self._append(full_text[len(prefix_text) :])
+
     def _append(self, delta: str) -> str:
         before = len(self.text)
         self.text += delta

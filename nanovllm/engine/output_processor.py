@@ -47,8 +47,10 @@ class _RequestState:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, always_incremental: bool = False) -> None:
         self.tokenizer = tokenizer
+        # a server detokenizes every request the same way, so a streamed text equals the non-streamed one
+        self.always_incremental = always_incremental
         self.states: dict[str, _RequestState] = {}
         self.child_to_parent: dict[str, tuple[str, int]] = {}
 
@@ -59,7 +61,7 @@ class OutputProcessor:
         if request_id in self.states:
             raise ValueError(f"request_id {request_id!r} is already in use")
         # incremental decoding costs CPU on every step, so it runs only where text is needed before the end
-        incremental = self.tokenizer is not None and (stream or bool(params.stop_strings))
+        incremental = self.tokenizer is not None and (stream or bool(params.stop_strings) or self.always_incremental)
         completions = [
             _Completion(
                 CompletionOutput(index=i, text="", token_ids=[], logprobs=[] if params.logprobs is not None else None),
@@ -109,6 +111,8 @@ class OutputProcessor:
             finish_reason, stop_reason = out.finish_reason, out.stop_reason
             if completion.detokenizer is not None:
                 completion.detokenizer.add(out.new_token_ids)
+                if finish_reason is not None:  # no more tokens will complete a held-back character: emit it
+                    completion.detokenizer.flush()
                 completion.output.text = completion.detokenizer.text
                 if completion.detokenizer.stop_reason is not None and finish_reason is None:
                     finish_reason, stop_reason = "stop", completion.detokenizer.stop_reason
