@@ -42,7 +42,7 @@ class KVCacheManager:
             cache.lock(match.last_node)
             request.prefix_node = match.last_node
             self.allocator.incref(match.pages)
-            request.page_table = list(match.pages)
+            request.set_page_table(list(match.pages))
             if match.partial_page is not None and self.allocator.num_free > 0:
                 page = self.allocator.allocate(1)[0]
                 request.page_table.append(page)
@@ -96,7 +96,7 @@ class KVCacheManager:
             released = set(request.page_table)
             self._page_copies = [(s, d) for s, d in self._page_copies if d not in released]
         self.allocator.decref(request.page_table)
-        request.page_table = []
+        request.set_page_table([])
 
     @property
     def num_used_pages(self) -> int:

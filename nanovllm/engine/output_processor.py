@@ -40,10 +40,11 @@ class _RequestState:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    num_finished: int = 0
 
     @property
     def finished(self) -> bool:
-        return all(c.output.finished() for c in self.completions)
+        return self.num_finished == len(self.completions)
 
 
 class OutputProcessor:
@@ -119,6 +120,7 @@ class OutputProcessor:
                     to_stop.append((out.request_id, stop_reason))
             if finish_reason is not None:
                 self._finish(completion, finish_reason, stop_reason, state.params)
+                state.num_finished += 1
             touched[state.request_id] = state
 
         results = []

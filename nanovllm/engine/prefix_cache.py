@@ -270,7 +270,8 @@ class RadixCache:
         locked_pages = 0
         for node in self._nodes():
             parent = node.parent
-            _check(parent is not None and node.attached, "detached node reachable from the root")
+            if parent is None or not node.attached:
+                raise AssertionError("detached node reachable from the root")
             _check(parent.children.get(node.key[:ps]) is node, "child not filed under its first page")
             _check(len(node.key) % ps == 0 and len(node.key) // ps == len(node.pages) >= 1, "key/pages mismatch")
             _check(0 <= node.lock_ref <= parent.lock_ref, f"lock refs {node.lock_ref} > parent {parent.lock_ref}")

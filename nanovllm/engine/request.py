@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -58,6 +60,19 @@ class Request:
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
         self.num_prompt_tokens = len(self.prompt_token_ids)
+        self._page_array = np.empty(0, dtype=np.int32)
+
+    def set_page_table(self, pages: list[int]) -> None:
+        """Replace the page table (release or prefix match); appending to it needs no call."""
+        self.page_table = pages
+        self._page_array = np.empty(0, dtype=np.int32)
+
+    def page_array(self) -> np.ndarray:
+        """``page_table`` as an int32 array, rebuilt only when the table changed length (pages are only ever
+        appended or all released), so building a batch copies arrays instead of converting lists."""
+        if len(self._page_array) != len(self.page_table):
+            self._page_array = np.asarray(self.page_table, dtype=np.int32)
+        return self._page_array
 
     @property
     def num_tokens(self) -> int:
@@ -78,4 +93,5 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return self.status.finished
+        status = self.status  # identity checks: this runs for every request on every step
+        return status is not RequestStatus.RUNNING and status is not RequestStatus.WAITING

@@ -9,7 +9,15 @@ import torch
 from nanovllm.engine.request import PLACEHOLDER
 from nanovllm.engine.scheduler import ScheduledChunk, SchedulerOutput
 from nanovllm.layers.attention.metadata import AttentionMetadata
-from nanovllm.layers.sampler import Penalties, SamplingBatch, row_key
+from nanovllm.layers.sampler import Penalties, SamplingBatch, row_keys
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy without stalling the host. From pageable memory CUDA first waits for the stream to drain, which
+    would undo overlap scheduling; from pinned memory the copy is queued like a kernel."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -36,34 +44,43 @@ def build_forward_batch(
     seq_lens = [chunk.start + chunk.num_tokens for chunk in chunks]
     num_tokens = sum(query_lens)
 
-    input_ids = np.empty(num_tokens, dtype=np.int64)
-    positions = np.empty(num_tokens, dtype=np.int64)
+    input_list: list[int] = []
+    position_list: list[int] = []
     max_pages = max(-(-s // block_size) for s in seq_lens)
     block_tables = np.zeros((len(chunks), max_pages), dtype=np.int32)
     pending_rows: list[int] = []
     pending_sources: list[int] = []
-    offset = 0
+    wants_prompt_logprobs = False
     for i, chunk in enumerate(chunks):
         request, start, n = chunk.request, chunk.start, chunk.num_tokens
-        input_ids[offset : offset + n] = request.token_ids[start : start + n]
-        if request.token_ids[start + n - 1] == PLACEHOLDER:  # only ever a decode's single token
-            pending_rows.append(offset + n - 1)
-            pending_sources.append(request.sample_row)
-        positions[offset : offset + n] = np.arange(start, start + n)
-        pages = request.page_table[: -(-seq_lens[i] // block_size)]
+        if n == 1:  # the common decode row, without slicing
+            token = request.token_ids[start]
+            if token == PLACEHOLDER:  # its token is still on the device (overlap scheduling)
+                pending_rows.append(len(input_list))
+                pending_sources.append(request.sample_row)
+            input_list.append(token)
+            position_list.append(start)
+        else:
+            input_list.extend(request.token_ids[start : start + n])
+            position_list.extend(range(start, start + n))
+        pages = request.page_array()
         block_tables[i, : len(pages)] = pages
-        offset += n
+        wants_prompt_logprobs |= request.sampling_params.prompt_logprobs is not None
+    input_ids = np.asarray(input_list, dtype=np.int64)
+    positions = np.asarray(position_list, dtype=np.int64)
     page_index = positions // block_size
     row_of_token = np.repeat(np.arange(len(chunks)), query_lens)
     slot_mapping = block_tables[row_of_token, page_index].astype(np.int64) * block_size + positions % block_size
     query_start_loc = np.zeros(len(chunks) + 1, dtype=np.int32)
     np.cumsum(query_lens, out=query_start_loc[1:])
     sampled_rows = [i for i, chunk in enumerate(chunks) if chunk.sample]
-    prompt_rows, prompt_targets, prompt_spans = _prompt_logprob_rows(chunks, query_start_loc)
+    prompt_rows, prompt_targets, prompt_spans = (
+        _prompt_logprob_rows(chunks, query_start_loc) if wants_prompt_logprobs else ([], [], [])
+    )
     logits_indices = query_start_loc[1:][sampled_rows] - 1
 
     def to_device(array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(device, non_blocking=True)
+        return host_to_device(torch.from_numpy(array), device)
 
     meta = AttentionMetadata(
         slot_mapping=to_device(slot_mapping),
@@ -119,7 +136,7 @@ def build_sampling_batch(chunks: list[ScheduledChunk], vocab_size: int, device: 
     top_ps = [p.top_p for p in params]
     min_ps = [p.min_p for p in params]
     # the noise of output token i of a request depends only on its seed and i
-    keys = [row_key(r.sampling_seed, k) for r, k in zip(requests, output_numbers)]
+    keys = row_keys(torch.tensor([r.sampling_seed for r in requests]), torch.tensor(output_numbers))
     banned_rows: list[int] = []
     banned_tokens: list[int] = []
     for row, (request, number) in enumerate(zip(requests, output_numbers)):
@@ -132,13 +149,13 @@ def build_sampling_batch(chunks: list[ScheduledChunk], vocab_size: int, device: 
     logprob_counts = [p.logprobs for p in params if p.logprobs is not None]
     banned = None
     if banned_rows:
-        banned = (torch.tensor(banned_rows).to(device), torch.tensor(banned_tokens).to(device))
+        banned = (host_to_device(torch.tensor(banned_rows), device), host_to_device(torch.tensor(banned_tokens), device))
     return SamplingBatch(
-        temperatures=torch.tensor(temperatures, dtype=torch.float32).to(device, non_blocking=True),
-        top_ks=torch.tensor(top_ks, dtype=torch.int64).to(device, non_blocking=True),
-        top_ps=torch.tensor(top_ps, dtype=torch.float32).to(device, non_blocking=True),
-        min_ps=torch.tensor(min_ps, dtype=torch.float32).to(device, non_blocking=True),
-        keys=torch.tensor(keys, dtype=torch.int64).to(device, non_blocking=True),
+        temperatures=host_to_device(torch.tensor(temperatures, dtype=torch.float32), device),
+        top_ks=host_to_device(torch.tensor(top_ks, dtype=torch.int64), device),
+        top_ps=host_to_device(torch.tensor(top_ps, dtype=torch.float32), device),
+        min_ps=host_to_device(torch.tensor(min_ps, dtype=torch.float32), device),
+        keys=host_to_device(keys, device),
         all_greedy=all(t == 0 for t in temperatures),
         use_top_k_top_p=any(k < vocab_size for k in top_ks) or any(p < 1.0 for p in top_ps),
         use_min_p=any(p > 0 for p in min_ps),
@@ -160,9 +177,9 @@ def _penalties(requests: list, vocab_size: int, device: torch.device) -> Penalti
     seen |= counts > 0
     params = [r.sampling_params for r in requests]
     return Penalties(
-        presence=torch.tensor([p.presence_penalty for p in params]).to(device),
-        frequency=torch.tensor([p.frequency_penalty for p in params]).to(device),
-        repetition=torch.tensor([p.repetition_penalty for p in params]).to(device),
-        output_counts=counts.to(device),
-        seen=seen.to(device),
+        presence=host_to_device(torch.tensor([p.presence_penalty for p in params]), device),
+        frequency=host_to_device(torch.tensor([p.frequency_penalty for p in params]), device),
+        repetition=host_to_device(torch.tensor([p.repetition_penalty for p in params]), device),
+        output_counts=host_to_device(counts, device),
+        seen=host_to_device(seen, device),
     )

@@ -11,7 +11,7 @@ import torch
 from nanovllm.config import EngineConfig
 from nanovllm.engine.scheduler import ModelOutput, SchedulerOutput
 from nanovllm.executor.cuda_graph import CUDAGraphRunner
-from nanovllm.executor.input_batch import ForwardBatch, build_forward_batch
+from nanovllm.executor.input_batch import ForwardBatch, build_forward_batch, host_to_device
 from nanovllm.layers.attention import make_attention_backend
 from nanovllm.layers.attention.context import set_forward_context
 from nanovllm.layers.attention.layer import Attention
@@ -167,8 +167,8 @@ class ModelRunner:
 
     def copy_pages(self, copies: list[tuple[int, int]]) -> None:
         if copies:
-            src = torch.tensor([s for s, _ in copies], device=self.device)
-            dst = torch.tensor([d for _, d in copies], device=self.device)
+            src = host_to_device(torch.tensor([s for s, _ in copies]), self.device)
+            dst = host_to_device(torch.tensor([d for _, d in copies]), self.device)
             self.kv_pool[:, :, dst] = self.kv_pool[:, :, src]
 
     def model_info(self) -> dict[str, int]:

@@ -24,13 +24,9 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def row_key(seed: int, step: int) -> int:
-    """A 32-bit key per (request seed, output index), mixed on the host once per row."""
-    x = (seed ^ (seed >> 32) ^ (step * 0x9E3779B1)) & _MASK32
-    for multiplier in _MULTIPLIERS:
-        x ^= x >> 16
-        x = (x * multiplier) & _MASK32
-    return x ^ (x >> 16)
+def row_keys(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """A 32-bit key per (request seed, output index): ``[B]`` int64, mixed with the same rounds as the noise."""
+    return _mix32((seeds ^ (seeds >> 32) ^ (steps * 0x9E3779B1)) & _MASK32)
 
 
 def uniform_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -87,9 +83,8 @@ class SamplingBatch:
 
 class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        logits = logits.float()
         # logprobs describe the model's own distribution, before penalties, temperature and filters
-        raw_logprobs = logits.log_softmax(dim=-1) if batch.num_logprobs >= 0 else None
+        raw_logprobs = logits.float().log_softmax(dim=-1) if batch.num_logprobs >= 0 else None
         token_ids = self._sample(logits, batch)
         if raw_logprobs is None:
             return SamplerOutput(token_ids)
@@ -98,21 +93,28 @@ class Sampler(nn.Module):
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         if batch.penalties is not None:
-            logits = batch.penalties.apply(logits)
+            logits = batch.penalties.apply(logits.float())
         if batch.banned is not None:
-            logits = logits.index_put(batch.banned, torch.tensor(float("-inf"), device=logits.device))
-        greedy = logits.argmax(dim=-1)
+            logits = logits.float().clone()  # never write into a graph's output buffer
+            logits[batch.banned] = float("-inf")
         if batch.all_greedy:
-            return greedy
-        temperatures = torch.where(batch.temperatures > 0, batch.temperatures, 1.0)
-        logits = logits / temperatures.unsqueeze(1)
-        if batch.use_min_p:
-            logits = _apply_min_p(logits, batch.min_ps)
-        if batch.use_top_k_top_p:
-            logits = _apply_top_k_top_p(logits, batch.top_ks, batch.top_ps)
+            return logits.argmax(dim=-1)
+        is_random = batch.temperatures > 0
+        inv_temperatures = 1.0 / torch.where(is_random, batch.temperatures, 1.0)
+        if batch.use_min_p or batch.use_top_k_top_p:
+            logits = logits.float() * inv_temperatures.unsqueeze(1)
+            inv_temperatures = torch.ones_like(inv_temperatures)
+            if batch.use_min_p:
+                logits = _apply_min_p(logits, batch.min_ps)
+            if batch.use_top_k_top_p:
+                logits = _apply_top_k_top_p(logits, batch.top_ks, batch.top_ps)
+        if logits.is_cuda:  # one pass, the noise made in registers
+            from nanovllm.kernels.sampling import gumbel_argmax
+
+            return gumbel_argmax(logits, inv_temperatures, batch.keys, is_random)
         gumbel = -torch.log(-torch.log(uniform_noise(batch.keys, logits.shape[-1])))
-        sampled = (logits + gumbel).argmax(dim=-1)
-        return torch.where(batch.temperatures > 0, sampled, greedy)
+        scores = logits.float() * inv_temperatures.unsqueeze(1) + torch.where(is_random.unsqueeze(1), gumbel, 0.0)
+        return scores.argmax(dim=-1)
 
 
 def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,22 +51,21 @@ def test_fp32_triton_graphs_overlap_match_torch_backend(gpu_model_dir: str) -> N
     assert chunked == reference
 
 
-def test_bf16_logits_close_to_torch_backend(gpu_model_dir: str) -> None:
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5, prompt_logprobs=5)
-    results = {}
-    for backend in ("torch", "triton"):
-        llm = LLM(gpu_model_dir, device="cuda", dtype="bfloat16", attention_backend=backend, max_model_len=512)
-        results[backend] = llm.generate(_prompts()[:6], params, use_tqdm=False)
-    for ref, fast in zip(results["torch"], results["triton"]):
-        ref_lp = [v for entry in ref.prompt_logprobs[1:] for v in entry.values()]
-        fast_lp = [v for entry in fast.prompt_logprobs[1:] for v in entry.values()]
-        if ref_lp:
-            diff = torch.tensor(ref_lp) - torch.tensor(fast_lp)
-            assert diff.abs().max() < 0.1, diff.abs().max()
-        # the first generated token's logprob, computed from the same prompt by both backends
-        first_ref = next(iter(ref.outputs[0].logprobs[0].values()))
-        first_fast = next(iter(fast.outputs[0].logprobs[0].values()))
-        assert abs(first_ref - first_fast) < 0.1
+def _prompt_logprobs(model: str, dtype: str, backend: str) -> torch.Tensor:
+    """Logprob of every prompt token under the model, for the test prompts, as one flat tensor."""
+    llm = LLM(model, device="cuda", dtype=dtype, attention_backend=backend, max_model_len=512,
+              enable_prefix_caching=False)
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    outputs = llm.generate(_prompts(), params, use_tqdm=False)
+    return torch.tensor([next(iter(entry.values())) for o in outputs for entry in o.prompt_logprobs[1:]])
+
+
+def test_bf16_logprobs_as_close_to_float32_as_the_torch_backend(gpu_model_dir: str) -> None:
+    """In bf16 both backends drift from the float32 answer; the Triton kernels may not drift much further."""
+    exact = _prompt_logprobs(gpu_model_dir, "float32", "torch")
+    torch_error = (_prompt_logprobs(gpu_model_dir, "bfloat16", "torch") - exact).abs().mean()
+    triton_error = (_prompt_logprobs(gpu_model_dir, "bfloat16", "triton") - exact).abs().mean()
+    assert triton_error < 1.5 * torch_error + 1e-3, (triton_error, torch_error)
 
 
 def test_dummy_qwen3_0_6b_generates(tmp_path) -> None:

@@ -1,0 +1,321 @@
+"""``AsyncLLM``: the asyncio streaming front end, with the engine core in a child process.
+
+Front end (this process, one event loop): tokenize and validate (``InputProcessor``), keep per-request output state,
+detokenize incrementally and find stop strings (``OutputProcessor``), and feed each request's stream. Engine core
+(child process, see ``core_proc``): schedule and run batches. ``EngineCoreClient`` joins the two; its reader thread
+hands every message to the event loop with ``call_soon_threadsafe``, so all front-end state is touched by the loop
+thread only and needs no locks.
+
+A request whose consumer stops early (``break``, task cancelled, client gone) is aborted in the ``finally`` of its
+stream, which frees its pages in the core.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import replace
+from typing import Any, AsyncIterator
+
+from nanovllm.config import EngineConfig
+from nanovllm.engine.core_client import EngineCoreClient, EngineDeadError, EngineStartupError
+from nanovllm.engine.input_processor import InputProcessor, Prompt, eos_token_ids
+from nanovllm.engine.llm_engine import load_generation_config, load_tokenizer
+from nanovllm.engine.output_processor import OutputProcessor
+from nanovllm.engine.request import Request
+from nanovllm.engine.serving_stats import CoreStats, FrontendStats
+from nanovllm.loader import load_hf_config, resolve_model_path
+from nanovllm.outputs import CompletionOutput, RequestOutput
+from nanovllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AsyncLLM", "EngineDeadError", "EngineStartupError", "RequestStream"]
+
+
+class RequestStream:
+    """Outputs (or one exception) waiting for a request's consumer; consecutive deltas are merged on read."""
+
+    def __init__(self, request_id: str, merge: bool) -> None:
+        self.request_id = request_id
+        self._merge = merge
+        self._items: deque[RequestOutput | BaseException] = deque()
+        self._ready = asyncio.Event()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self._items.append(item)
+        self._ready.set()
+
+    async def get(self) -> RequestOutput:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        item = self._items.popleft()
+        if isinstance(item, BaseException):
+            raise item
+        # a slow consumer gets one merged delta instead of a backlog of one-token deltas
+        while self._merge and self._items and isinstance(self._items[0], RequestOutput):
+            item = merge_delta(item, self._items.popleft())  # type: ignore[arg-type]
+        return item
+
+
+def merge_delta(first: RequestOutput, second: RequestOutput) -> RequestOutput:
+    """Fold two consecutive delta outputs of one request into one (``first`` is reused)."""
+    by_index = {c.index: c for c in first.outputs}
+    for c in second.outputs:
+        prev = by_index.get(c.index)
+        if prev is None:
+            by_index[c.index] = c
+            continue
+        prev.text += c.text
+        prev.token_ids = prev.token_ids + c.token_ids
+        if c.logprobs is not None:
+            prev.logprobs = (prev.logprobs or []) + c.logprobs
+        prev.finish_reason, prev.stop_reason = c.finish_reason, c.stop_reason
+    first.outputs = [by_index[i] for i in sorted(by_index)]
+    first.finished = second.finished
+    first.num_cached_tokens = second.num_cached_tokens
+    first.metrics = second.metrics
+    if first.prompt_logprobs is None:
+        first.prompt_logprobs = second.prompt_logprobs
+    return first
+
+
+class AsyncLLM:
+    def __init__(self, config: EngineConfig, startup_timeout_s: float | None = None) -> None:
+        # Only configs and tokenizer files here; the child fetches and loads the weights.
+        model_path = resolve_model_path(config.model, config.revision, weights=False)
+        hf_config = load_hf_config(model_path, config.trust_remote_code)
+        config.finalize(hf_config)
+        self.config = config
+        self.model_path = model_path
+        self.tokenizer = load_tokenizer(config, model_path)
+        eos_ids = eos_token_ids(hf_config, load_generation_config(model_path), self.tokenizer)
+        self.input_processor = InputProcessor(config, self.tokenizer, eos_ids)
+        self.output_processor = OutputProcessor(self.tokenizer, always_incremental=True)
+        self.stats = FrontendStats()
+        self._streams: dict[str, RequestStream] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ids = itertools.count()
+        self._dead_reason: str | None = None
+        self.core = EngineCoreClient(config, self._on_core_message, self._on_core_death, startup_timeout_s)
+
+    @classmethod
+    def from_engine_args(cls, model: str, **engine_args: Any) -> "AsyncLLM":
+        return cls(EngineConfig.from_kwargs(model, **engine_args))
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_model_len  # type: ignore[return-value]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.input_processor.vocab_size
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._streams)
+
+    # ---- requests ---------------------------------------------------------------------------------------------
+
+    def add_request(
+        self, request_id: str | None, prompt: Prompt, params: SamplingParams | None = None, stream: bool = True
+    ) -> AsyncIterator[RequestOutput]:
+        """Validate and queue a request now (``ValueError`` before anything is queued), then iterate its outputs.
+
+        With ``stream`` each output holds only what is new (text delta, new token ids and logprobs); without it the
+        one output is the finished request. Must be called from the event loop that consumes the outputs."""
+        self._check_healthy()
+        self._bind_loop()
+        params = params if params is not None else SamplingParams()
+        request_id = request_id if request_id is not None else f"{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, prompt_ids = self.input_processor.tokenize(prompt)
+        requests = [self.input_processor.make_request(request_id, prompt_ids, params) for _ in range(params.n)]
+        self._check_fits(requests[0])
+        child_ids = self.output_processor.add_request(request_id, text, prompt_ids, params, stream)
+        now = time.monotonic()
+        for child_id, request in zip(child_ids, requests):
+            request.request_id = child_id
+            request.arrival_time = now
+            if params.seed is not None and params.n > 1:  # the same rule as LLMEngine: distinct samples per seed
+                request.sampling_seed = params.seed + int(child_id.rsplit("#", 1)[1])
+            self.stats.on_added(child_id, now)
+        stream_state = RequestStream(request_id, merge=stream)
+        self._streams[request_id] = stream_state
+        self.core.add_requests(requests)
+        return self._iterate(stream_state)
+
+    async def generate(
+        self,
+        prompt: Prompt,
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+        stream: bool = True,
+    ) -> AsyncIterator[RequestOutput]:
+        """``async for out in engine.generate(...)``: delta outputs as tokens arrive (see ``add_request``)."""
+        outputs = self.add_request(request_id, prompt, sampling_params, stream)
+        try:
+            async for out in outputs:
+                yield out
+        finally:
+            await outputs.aclose()  # type: ignore[attr-defined]
+
+    async def _iterate(self, stream: RequestStream) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                out = await stream.get()
+                finished = out.finished
+                yield out
+        finally:
+            if self._streams.get(stream.request_id) is stream:
+                del self._streams[stream.request_id]
+                if not finished:  # consumer gone early: cancelled, broke out, or failed
+                    self._abort_now(stream.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request and free its pages; its consumer gets a last output with finish_reason "abort"."""
+        self.abort_request(request_id)
+
+    def abort_request(self, request_id: str) -> None:
+        """``abort`` for synchronous code on the event loop's thread."""
+        stream = self._streams.pop(request_id, None)
+        state = self.output_processor.states.get(request_id)
+        if stream is not None and state is not None:
+            unfinished = [c.output for c in state.completions if not c.output.finished()]
+            stream.put(RequestOutput(
+                request_id=request_id, prompt=state.prompt, prompt_token_ids=state.prompt_token_ids,
+                outputs=[CompletionOutput(c.index, "", [], "abort") for c in unfinished], finished=True,
+            ))
+        self._abort_now(request_id)
+
+    def abort_all(self, error: BaseException) -> None:
+        """Fail every in-flight request with ``error`` (e.g. a server that stops waiting at shutdown)."""
+        for request_id, stream in list(self._streams.items()):
+            stream.put(error)
+            self._abort_now(request_id)
+        self._streams.clear()
+
+    def _abort_now(self, request_id: str) -> None:
+        children = self.output_processor.abort_request(request_id)
+        for child in children:
+            self.stats.on_removed(child)
+        self.core.abort(children)
+
+    def _check_fits(self, request: Request) -> None:
+        block_size = self.config.block_size
+        needed = -(-(request.num_prompt_tokens + request.max_tokens) // block_size)
+        if needed > self.core.num_kv_blocks:
+            raise ValueError(
+                f"the prompt ({request.num_prompt_tokens} tokens) plus max_tokens ({request.max_tokens}) needs "
+                f"{needed} KV pages, but the whole pool has {self.core.num_kv_blocks} "
+                f"({self.core.num_kv_blocks * block_size} tokens)"
+            )
+
+    def _bind_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        if self._streams and self._loop is not None and not self._loop.is_closed():
+            raise RuntimeError("AsyncLLM has requests in flight on another event loop; use one loop at a time")
+        for request_id in list(self._streams):  # left over from a loop that is gone
+            self._abort_now(request_id)
+        self._streams.clear()
+        self._loop = loop
+
+    # ---- messages from the core (reader thread -> event loop) -------------------------------------------------
+
+    def _on_core_message(self, message: tuple) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self._handle_core_message, message)
+        except RuntimeError:  # the loop was closed meanwhile; nobody waits for these outputs
+            pass
+
+    def _handle_core_message(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "outputs":
+            outputs = message[1]
+            self.stats.on_outputs(outputs)
+            results, to_stop = self.output_processor.process(outputs)
+            if to_stop:  # stop strings found here: the core must stop those requests and free their pages
+                self.core.finish(to_stop)
+                for engine_id, _ in to_stop:
+                    self.stats.on_removed(engine_id, "stop")
+            for out in results:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    stream.put(out)
+                    if out.finished:
+                        del self._streams[out.request_id]
+        elif kind == "request_error":
+            parent = self.output_processor.child_to_parent.get(message[1])
+            if parent is not None:
+                stream = self._streams.pop(parent[0], None)
+                self._abort_now(parent[0])
+                if stream is not None:
+                    stream.put(ValueError(message[2]))
+
+    def _on_core_death(self, reason: str) -> None:
+        self._dead_reason = reason
+        loop = self._loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self.abort_all, EngineDeadError(reason))
+            except RuntimeError:
+                pass
+
+    # ---- health, stats, shutdown ------------------------------------------------------------------------------
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._dead_reason is None and self.core.is_alive
+
+    def _check_healthy(self) -> None:
+        if not self.is_healthy:
+            raise EngineDeadError(self._dead_reason or self.core.dead_reason or "the engine is shut down")
+
+    async def check_health(self) -> None:
+        """Raise ``EngineDeadError`` if the engine core cannot serve requests."""
+        self._check_healthy()
+
+    async def get_core_stats(self, timeout_s: float = 1.0) -> CoreStats:
+        """A fresh snapshot from the core; the last one received if it does not answer in time."""
+        if self.is_healthy:
+            try:
+                return await asyncio.wait_for(asyncio.wrap_future(self.core.query_stats()), timeout_s)
+            except (asyncio.TimeoutError, EngineDeadError):
+                pass
+        return replace(self.core.latest_stats)
+
+    def shutdown(self) -> None:
+        """Fail in-flight requests and stop the engine-core process (idempotent)."""
+        if self._dead_reason is None:
+            self._dead_reason = "the engine is shut down"
+        error = EngineDeadError(self._dead_reason)
+        loop = self._loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is not None and loop is running:
+            self.abort_all(error)
+        elif loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self.abort_all, error)
+            except RuntimeError:
+                pass
+        self.core.shutdown()
+
+    def __enter__(self) -> "AsyncLLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

@@ -1,0 +1,203 @@
+"""The ``nanovllm`` command (also ``python -m nanovllm``): serve, generate, chat, bench.
+
+Heavy imports (torch, FastAPI) happen inside the subcommands, so ``nanovllm --help`` is instant and the engine-core
+process, which re-imports the main module under ``spawn``, pays nothing for the CLI.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+from nanovllm.entrypoints.engine_args import add_engine_args, engine_kwargs
+
+logger = logging.getLogger(__name__)
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=max_tokens)
+    group.add_argument("--temperature", type=float, default=0.7)
+    group.add_argument("--top-p", type=float, default=1.0)
+    group.add_argument("--top-k", type=int, default=-1)
+    group.add_argument("--min-p", type=float, default=0.0)
+    group.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    group.add_argument("--ignore-eos", action="store_true")
+
+
+def _sampling_params(args: argparse.Namespace, **overrides: Any) -> Any:
+    from nanovllm import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, stop=args.stop, ignore_eos=args.ignore_eos, **overrides)
+
+
+# ---- serve --------------------------------------------------------------------------------------------------------
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
+                       description="Serve MODEL over an OpenAI-compatible HTTP API.")
+    p.add_argument("model", help="checkpoint directory or Hugging Face hub id")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="model name(s) clients may ask for (default: MODEL)")
+    p.add_argument("--api-key", default=os.environ.get("NANOVLLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $NANOVLLM_API_KEY)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM")
+    p.add_argument("--uvicorn-log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+    add_engine_args(p)
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> None:
+    from nanovllm.entrypoints.openai.api_server import run_server
+
+    run_server(args, engine_kwargs(args))
+
+
+# ---- generate -----------------------------------------------------------------------------------------------------
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate completions for prompts and print them")
+    p.add_argument("model")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    p.add_argument("--n", type=int, default=1, help="samples per prompt")
+    _add_sampling_args(p, max_tokens=128)
+    add_engine_args(p)
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> None:
+    from nanovllm import LLM
+
+    llm = LLM(args.model, **engine_kwargs(args))
+    outputs = llm.generate(args.prompt, _sampling_params(args, n=args.n), use_tqdm=False)
+    for prompt, out in zip(args.prompt, outputs):
+        for completion in out.outputs:
+            print(f"--- {prompt!r} -> [{completion.finish_reason}]")
+            print(prompt + completion.text)
+
+
+# ---- chat ---------------------------------------------------------------------------------------------------------
+
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="interactive streaming chat in the terminal (ctrl-D to quit)")
+    p.add_argument("model")
+    p.add_argument("--system-prompt", default=None)
+    _add_sampling_args(p, max_tokens=512)
+    add_engine_args(p)
+    p.set_defaults(func=_run_chat)
+
+
+def _run_chat(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from nanovllm.engine.async_llm import AsyncLLM
+
+    engine = AsyncLLM.from_engine_args(args.model, **engine_kwargs(args))
+    tokenizer = engine.tokenizer
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        engine.shutdown()
+        sys.exit("this model has no chat template")
+    params = _sampling_params(args)
+    history = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+
+    async def reply(prompt_ids: list[int]) -> str:
+        parts = []
+        async for out in engine.generate(prompt_ids, params):
+            delta = out.outputs[0].text if out.outputs else ""
+            print(delta, end="", flush=True)
+            parts.append(delta)
+        return "".join(parts)
+
+    print("chatting with", args.model, "(ctrl-D to quit, ctrl-C to interrupt a reply)")
+    try:
+        while True:
+            try:
+                line = input("\n> ")
+            except EOFError:
+                print()
+                return
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line})
+            text = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+            prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+            try:
+                answer = asyncio.run(reply(prompt_ids))  # one loop per turn; AsyncLLM rebinds when idle
+            except KeyboardInterrupt:  # the task was cancelled, which aborted the request
+                answer = "[interrupted]"
+                print(" [interrupted]")
+            print()
+            history.append({"role": "assistant", "content": answer})
+    except KeyboardInterrupt:
+        print()
+    finally:
+        engine.shutdown()
+
+
+# ---- bench --------------------------------------------------------------------------------------------------------
+
+def _add_bench(sub: argparse._SubParsersAction, load: bool) -> None:
+    """``load``: import the benchmark modules for their flags (only when the command is ``bench``: they pull in
+    torch, which other commands should not wait for just to parse their arguments)."""
+    p = sub.add_parser("bench", help="benchmarks: offline throughput, online serving latency")
+    bench = p.add_subparsers(dest="bench", metavar="{throughput,serve}", required=True)
+    for name, module, help_text in (
+        ("throughput", "nanovllm.benchmarks.throughput", "offline generation throughput (LLM.generate)"),
+        ("serve", "nanovllm.benchmarks.serve", "latency and throughput of an OpenAI-compatible server"),
+    ):
+        bp = bench.add_parser(name, help=help_text)
+        if not load:
+            continue
+        try:
+            mod = __import__(module, fromlist=["add_arguments", "main"])
+        except ImportError as exc:
+            bp.set_defaults(func=_missing(module, exc))
+            bp.add_argument("rest", nargs=argparse.REMAINDER)
+            continue
+        mod.add_arguments(bp)
+        bp.set_defaults(func=mod.main)
+
+
+def _missing(module: str, exc: ImportError) -> Callable[[argparse.Namespace], None]:
+    def fail(_: argparse.Namespace) -> None:
+        sys.exit(f"this benchmark needs {module}, which could not be imported: {exc}")
+
+    return fail
+
+
+# ---- main ---------------------------------------------------------------------------------------------------------
+
+def build_parser(load_benchmarks: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanovllm", description="nano-vLLM: a small, fast LLM inference engine")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,generate,chat,bench}", required=True)
+    _add_serve(sub)
+    _add_generate(sub)
+    _add_chat(sub)
+    _add_bench(sub, load_benchmarks)
+    return parser
+
+
+def _version() -> str:
+    from nanovllm import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=os.environ.get("NANOVLLM_LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(load_benchmarks=argv[:1] == ["bench"]).parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as exc:  # bad engine arguments and the like: one line, not a traceback
+        logger.debug("command failed", exc_info=True)
+        sys.exit(f"error: {exc}")

@@ -1,0 +1,214 @@
+"""The OpenAI-compatible HTTP server: a FastAPI app over one ``AsyncLLM``, run by uvicorn.
+
+Shutdown (SIGTERM or ctrl-C): uvicorn stops accepting connections and lets open ones finish; new requests that still
+arrive on open connections get 503. Requests still running ``--shutdown-timeout`` seconds later are failed with a
+clean error (a 503, or an error event and ``[DONE]`` in a stream), then the engine-core process is stopped, so the
+server exits with no child left behind.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import logging
+import signal
+import sys
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+import nanovllm
+from nanovllm.engine.async_llm import AsyncLLM, EngineDeadError
+from nanovllm.entrypoints.openai.errors import APIError, error_body, install_error_handlers
+from nanovllm.entrypoints.openai.metrics import CONTENT_TYPE, render_metrics
+from nanovllm.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    VersionResponse,
+)
+from nanovllm.entrypoints.openai.serving_chat import OpenAIServingChat
+from nanovllm.entrypoints.openai.serving_completion import OpenAIServingCompletion, json_response
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerSettings:
+    served_model_names: list[str]
+    model_root: str = ""
+    api_key: str | None = None
+    shutdown_timeout_s: float = 30.0
+    shutdown_engine_on_exit: bool = True  # False when the caller owns the engine (tests, embedding)
+    draining: bool = False
+    draining_since: float = field(default=0.0, repr=False)
+
+    def start_draining(self) -> None:
+        if not self.draining:
+            self.draining, self.draining_since = True, time.monotonic()
+            logger.info("shutting down: no new requests; in-flight ones get up to %.0f s", self.shutdown_timeout_s)
+
+
+class _Gate:
+    """ASGI middleware: the API key on /v1 routes, and 503 for new work while draining."""
+
+    def __init__(self, app: ASGIApp, settings: ServerSettings) -> None:
+        self.app = app
+        self.settings = settings
+        self.expected = f"Bearer {settings.api_key}".encode() if settings.api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            if self.expected is not None and scope["path"].startswith("/v1"):
+                given = dict(scope["headers"]).get(b"authorization", b"")
+                if not hmac.compare_digest(given, self.expected):
+                    response = JSONResponse(error_body(401, "missing or invalid API key (Authorization: Bearer ...)"),
+                                            status_code=401)
+                    await response(scope, receive, send)
+                    return
+            if self.settings.draining and scope["method"] == "POST":
+                await JSONResponse(error_body(503, "the server is shutting down"), status_code=503)(
+                    scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _drain_watchdog(engine: AsyncLLM, settings: ServerSettings) -> None:
+    """Once draining, give in-flight requests ``shutdown_timeout_s``, then fail the rest with a clean error."""
+    while not settings.draining:
+        await asyncio.sleep(0.1)
+    deadline = settings.draining_since + settings.shutdown_timeout_s
+    while engine.num_unfinished_requests and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    if engine.num_unfinished_requests:
+        logger.warning("stopping %d requests still running after the shutdown timeout",
+                       engine.num_unfinished_requests)
+        engine.abort_all(EngineDeadError("the server is shutting down"))
+
+
+def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        watchdog = asyncio.create_task(_drain_watchdog(engine, settings))
+        try:
+            yield
+        finally:
+            settings.start_draining()
+            watchdog.cancel()
+            if engine.num_unfinished_requests:
+                engine.abort_all(EngineDeadError("the server is shutting down"))
+            if settings.shutdown_engine_on_exit:
+                engine.shutdown()
+
+    app = FastAPI(title="nano-vLLM OpenAI-compatible server", version=nanovllm.__version__, lifespan=lifespan)
+    app.state.engine = engine
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.add_middleware(_Gate, settings=settings)
+    completions = OpenAIServingCompletion(engine, settings.served_model_names)
+    chat = OpenAIServingChat(engine, settings.served_model_names)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.is_healthy:
+            return JSONResponse(error_body(503, "the engine process is not running"), status_code=503)
+        if settings.draining:
+            return JSONResponse(error_body(503, "the server is shutting down"), status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/version", response_model=VersionResponse)
+    async def version() -> Response:
+        return json_response(VersionResponse(version=nanovllm.__version__))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        core = await engine.get_core_stats(timeout_s=0.5)
+        return Response(render_metrics(core, engine.stats, completions.model_name), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models() -> Response:
+        cards = [ModelCard(id=name, root=settings.model_root or name, max_model_len=engine.max_model_len)
+                 for name in settings.served_model_names]
+        return json_response(ModelList(data=cards))
+
+    @app.post("/v1/completions")
+    async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
+        return await completions.create_completion(request, raw_request)
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
+        return await chat.create_chat_completion(request, raw_request)
+
+    @app.post("/tokenize", response_model=TokenizeResponse)
+    async def tokenize(request: TokenizeRequest) -> Response:
+        chat.check_model(request.model)
+        if engine.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer")
+        if (request.prompt is None) == (request.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        if request.messages is not None:
+            tokens = chat.render_chat(request.messages, request.add_generation_prompt)
+        else:
+            tokens = list(engine.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens))
+        return json_response(TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens))
+
+    @app.post("/detokenize", response_model=DetokenizeResponse)
+    async def detokenize(request: DetokenizeRequest) -> Response:
+        chat.check_model(request.model)
+        if engine.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer")
+        vocab = engine.vocab_size
+        bad = [t for t in request.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"tokens must be in [0, {vocab}), got {bad[:5]}", param="tokens")
+        return json_response(DetokenizeResponse(prompt=engine.tokenizer.decode(request.tokens)))
+
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, told when a shutdown signal arrives so that the app can start draining."""
+
+    def __init__(self, config: uvicorn.Config, settings: ServerSettings) -> None:
+        super().__init__(config)
+        self.settings = settings
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.settings.start_draining()
+        super().handle_exit(sig, frame)
+
+
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    # SIGTERM while the engine loads, or re-raised by uvicorn after its graceful shutdown: exit through the normal
+    # path, so that `finally` blocks and atexit hooks (which stop the engine core) run
+    sys.exit(128 + signum if signum != signal.SIGTERM else 0)
+
+
+def run_server(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> None:
+    """``nanovllm serve``: start the engine core, then serve until a signal."""
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    engine = AsyncLLM.from_engine_args(args.model, **engine_kwargs)
+    try:
+        names = args.served_model_name or [args.model]
+        settings = ServerSettings(served_model_names=names, model_root=args.model, api_key=args.api_key,
+                                  shutdown_timeout_s=args.shutdown_timeout)
+        app = build_app(engine, settings)
+        config = uvicorn.Config(
+            app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+            # uvicorn's own limit comes after ours, which fails the stragglers cleanly first
+            timeout_graceful_shutdown=args.shutdown_timeout + 5, timeout_keep_alive=5,
+        )
+        _Server(config, settings).run()
+    finally:
+        engine.shutdown()

@@ -1,0 +1,159 @@
+"""POST /v1/chat/completions: the tokenizer's chat template, then one prompt with ``n`` samples.
+
+When streaming, the first chunk of every choice carries ``role: assistant`` (and empty content), as OpenAI does;
+later chunks carry content deltas, and each choice's last chunk its ``finish_reason``.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from nanovllm.entrypoints.openai.errors import APIError
+from nanovllm.entrypoints.openai.protocol import (
+    ChatCompletionChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatLogProb,
+    ChatLogProbs,
+    ChatLogProbsContent,
+    ChatMessage,
+    ChatResponseMessage,
+    DeltaMessage,
+    UsageInfo,
+)
+from nanovllm.entrypoints.openai.serving_base import (
+    SSE_DONE,
+    ClientDisconnected,
+    OpenAIServing,
+    as_api_error,
+    run_until_disconnect,
+    sse,
+    sse_error,
+)
+from nanovllm.entrypoints.openai.serving_completion import MIN_LOGPROB, json_response
+from nanovllm.outputs import RequestOutput
+
+
+class OpenAIServingChat(OpenAIServing):
+    def render_chat(
+        self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
+        """Messages -> prompt token ids through the chat template (which already holds any special tokens)."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+        conversation = []
+        for message in messages:
+            content = message.content
+            if isinstance(content, list):
+                if any(part.type != "text" or part.text is None for part in content):
+                    raise APIError(400, "only text content parts are supported", param="messages")
+                content = "\n".join(part.text for part in content)  # type: ignore[misc]
+            conversation.append({"role": message.role, "content": content or ""})
+        try:
+            text = self.tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **(template_kwargs or {})
+            )
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        except Exception as exc:  # noqa: BLE001 - a template is user-controlled code; any failure is a bad request
+            raise APIError(400, f"the chat template could not render these messages: {exc}", param="messages") from None
+
+    async def create_chat_completion(self, req: ChatCompletionRequest, raw_request: Request) -> Response:
+        self.check_model(req.model)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+        prompt_ids = self.render_chat(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+        use_completion_tokens = req.max_completion_tokens is not None
+        max_tokens = req.max_completion_tokens if use_completion_tokens else req.max_tokens
+        renames = {"logprobs": "top_logprobs"}
+        if use_completion_tokens:
+            renames["max_tokens"] = "max_completion_tokens"
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = self.sampling_params(req, max_tokens, logprobs, None, renames)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        (outputs,) = self.add_requests(request_id, [prompt_ids], params, stream=req.stream, renames=renames)
+        top_n = req.top_logprobs or 0
+        if req.stream:
+            return StreamingResponse(self._stream(req, request_id, outputs, params.n, top_n),
+                                     media_type="text/event-stream")
+
+        async def collect() -> RequestOutput | None:
+            final = None
+            async for out in outputs:
+                final = out
+            return final
+
+        try:
+            final = await run_until_disconnect(raw_request, collect())
+        except ClientDisconnected:
+            return Response(status_code=499)
+        except Exception as exc:  # noqa: BLE001
+            raise as_api_error(exc) from None
+        assert final is not None
+        choices = [
+            ChatCompletionChoice(
+                index=c.index,
+                message=ChatResponseMessage(content=c.text),
+                logprobs=self.chat_logprobs(c.token_ids, c.logprobs, top_n) if req.logprobs else None,
+                finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+            )
+            for c in final.outputs
+        ]
+        completion_tokens = sum(len(c.token_ids) for c in final.outputs)
+        usage = UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=completion_tokens,
+                          total_tokens=len(prompt_ids) + completion_tokens)
+        return json_response(ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage))
+
+    def chat_logprobs(self, token_ids: list[int], entries: list[dict[int, float]] | None, top_n: int) -> ChatLogProbs:
+        content = []
+        for token_id, entry in zip(token_ids, entries or []):
+            token = self.token_string(token_id)
+            sampled = entry.get(token_id, next(iter(entry.values()), MIN_LOGPROB))
+            best = sorted(entry.items(), key=lambda item: -item[1])[:top_n]
+            content.append(ChatLogProbsContent(
+                token=token, logprob=max(sampled, MIN_LOGPROB), bytes=list(token.encode("utf-8")),
+                top_logprobs=[self._chat_logprob(t, v) for t, v in best],
+            ))
+        return ChatLogProbs(content=content)
+
+    def _chat_logprob(self, token_id: int, value: float) -> ChatLogProb:
+        token = self.token_string(token_id)
+        return ChatLogProb(token=token, logprob=max(value, MIN_LOGPROB), bytes=list(token.encode("utf-8")))
+
+    async def _stream(
+        self, req: ChatCompletionRequest, request_id: str, outputs: AsyncIterator[RequestOutput], n: int, top_n: int
+    ) -> AsyncIterator[str]:
+        created = int(time.time())
+
+        def chunk(choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None) -> str:
+            return sse(ChatCompletionStreamResponse(id=request_id, created=created, model=self.model_name,
+                                                    choices=choices, usage=usage))
+
+        usage = UsageInfo()
+        try:
+            for index in range(n):
+                yield chunk([ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
+            async for out in outputs:
+                usage.prompt_tokens = len(out.prompt_token_ids)
+                for c in out.outputs:
+                    usage.completion_tokens += len(c.token_ids)
+                    if not c.text and c.finish_reason is None and not (req.logprobs and c.token_ids):
+                        continue
+                    logprobs = self.chat_logprobs(c.token_ids, c.logprobs, top_n) if req.logprobs else None
+                    yield chunk([ChatCompletionStreamChoice(
+                        index=c.index, delta=DeltaMessage(content=c.text), logprobs=logprobs,
+                        finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                    )])
+            if req.stream_options is not None and req.stream_options.include_usage:
+                usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+                yield chunk([], usage)
+        except Exception as exc:  # noqa: BLE001 - the status line is gone; the error travels in the stream
+            yield sse_error(exc)
+        yield SSE_DONE
