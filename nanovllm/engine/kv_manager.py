@@ -52,6 +52,10 @@ class KVCacheManager:
         if request.num_cached_tokens < 0:  # count first admissions only, not readmissions after preemption
             cache.record(request.num_prompt_tokens, min(computed, request.num_prompt_tokens))
 
+    def is_cached(self, tokens: tuple[int, ...]) -> bool:
+        """Whether the cache holds these tokens (a page-aligned run) from the start."""
+        return self.prefix_cache is not None and self.prefix_cache.match(tokens).num_tokens >= len(tokens)
+
     def allocate(self, request: Request, num_tokens: int) -> bool:
         """Grow the page table to hold ``num_tokens`` tokens; False (and no change) if the pool is short even
         after evicting unused cached pages."""

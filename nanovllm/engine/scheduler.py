@@ -118,15 +118,16 @@ class Scheduler:
     def _admit(self, out: SchedulerOutput) -> None:
         """Start waiting requests in arrival order while the budget, the sequence limit and the pool allow.
 
-        With the prefix cache on, a prompt whose first page matches a prompt being prefilled right now waits a
-        step, so it can reuse that prefill's pages instead of computing the same KV alongside it."""
+        With the prefix cache on, a prompt whose first page matches a prompt being prefilled right now, and is not
+        cached yet, waits a step, so it can reuse that prefill's pages instead of computing the same KV alongside
+        it. Once the first page is cached, requests are admitted and match whatever has been computed so far."""
         prefilling = self._prefilling_first_pages()
         for request in list(self.waiting):
             budget = self.max_num_batched_tokens - out.num_batched_tokens
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
             first_page = self._first_page(request)
-            if first_page is not None and first_page in prefilling:
+            if first_page is not None and first_page in prefilling and not self.kv.is_cached(first_page):
                 continue
             if not request.page_table:
                 self.kv.match_prefix(request)
