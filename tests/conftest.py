@@ -1,11 +1,17 @@
 """Shared pytest fixtures: tiny random checkpoints, each built once per session and only when asked for."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
+
+# Without a GPU, the Triton kernel tests run on CPU tensors under Triton's interpreter (set before any test
+# module imports triton). They check indexing and arithmetic, not GPU code generation.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from nanovllm.testing import build_checkpoint
 
