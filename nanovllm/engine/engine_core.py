@@ -70,6 +70,8 @@ class EngineCore:
 
     def abort_request(self, request_id: str) -> None:
         self.scheduler.abort_request(request_id)
+        if not self.scheduler.has_unfinished():
+            self.in_flight = None  # its results would belong to no one; the device finishes it regardless
 
     def finish_request(self, request_id: str, stop_reason: str) -> None:
         """A stop string was found by the front end."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any
 
 from nanovllm.config import EngineConfig
@@ -16,18 +17,29 @@ from nanovllm.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
 def load_tokenizer(config: EngineConfig, model_path: str) -> Any:
     """The tokenizer, or None when a dummy-weight model directory has none (token-id prompts still work)."""
     from transformers import AutoTokenizer
 
     source = config.tokenizer or model_path
-    try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        if config.tokenizer is None and config.load_format == "dummy":
-            logger.warning("no tokenizer found at %s (%s); only token-id prompts will work", source, exc)
-            return None
-        raise
+    has_files = not os.path.isdir(source) or any(os.path.exists(os.path.join(source, f)) for f in _TOKENIZER_FILES)
+    tokenizer = None
+    if has_files:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+        except (OSError, ValueError):
+            if config.tokenizer is not None or config.load_format != "dummy":
+                raise
+    # a directory with no tokenizer files may still yield an empty stand-in; that is no tokenizer
+    if tokenizer is None or len(tokenizer) <= 1:
+        if config.tokenizer is not None or config.load_format != "dummy":
+            raise ValueError(f"no tokenizer found at {source}; pass tokenizer=... (a directory or hub id)")
+        logger.warning("no tokenizer at %s; only token-id prompts will work", source)
+        return None
+    return tokenizer
 
 
 def load_generation_config(model_path: str) -> Any:

@@ -104,6 +104,8 @@ class Scheduler:
                 break
             if request.status != RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
+            if self._reached_limit(request):  # its last token is still on the way back (overlap)
+                continue
             num_tokens = min(request.num_pending_tokens, budget)
             if self._make_room(request, num_tokens, out):
                 self._schedule_chunk(request, num_tokens, out)
@@ -159,6 +161,10 @@ class Scheduler:
             page for r in self.running
             if r.num_computed_tokens < r.num_prompt_tokens and (page := self._first_page(r)) is not None
         }  # (running requests still short of their prompt: their next chunk is being computed)
+
+    def _reached_limit(self, request: Request) -> bool:
+        """Whether the tokens it has, placeholders included, already end it by length."""
+        return request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len
 
     def _make_room(self, request: Request, num_tokens: int, out: SchedulerOutput) -> bool:
         """Allocate pages for the chunk, preempting the newest running requests until it fits.

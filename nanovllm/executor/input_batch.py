@@ -8,6 +8,7 @@ import torch
 
 from nanovllm.engine.request import PLACEHOLDER
 from nanovllm.engine.scheduler import ScheduledChunk, SchedulerOutput
+from nanovllm.executor.staging import HostStager
 from nanovllm.layers.attention.metadata import AttentionMetadata
 from nanovllm.layers.sampler import Penalties, SamplingBatch, row_keys
 
@@ -36,13 +37,10 @@ class ForwardBatch:
     prompt_spans: list[tuple[str, int, int]] | None = None
 
 
-def build_forward_batch(
-    sched: SchedulerOutput, block_size: int, vocab_size: int, device: torch.device
-) -> ForwardBatch:
+def build_forward_batch(sched: SchedulerOutput, block_size: int, vocab_size: int, stager: HostStager) -> ForwardBatch:
     chunks = sched.chunks
     query_lens = [chunk.num_tokens for chunk in chunks]
     seq_lens = [chunk.start + chunk.num_tokens for chunk in chunks]
-    num_tokens = sum(query_lens)
 
     input_list: list[int] = []
     position_list: list[int] = []
@@ -79,28 +77,44 @@ def build_forward_batch(
     )
     logits_indices = query_start_loc[1:][sampled_rows] - 1
 
-    def to_device(array: np.ndarray) -> torch.Tensor:
-        return host_to_device(torch.from_numpy(array), device)
+    arrays = {
+        "input_ids": input_ids, "positions": positions, "slot_mapping": slot_mapping,
+        "query_start_loc": query_start_loc, "seq_lens": np.asarray(seq_lens, dtype=np.int32),
+        "block_tables": block_tables, "logits_indices": logits_indices,
+    }
+    if pending_rows:
+        arrays["pending_rows"] = np.asarray(pending_rows, dtype=np.int64)
+        arrays["pending_sources"] = np.asarray(pending_sources, dtype=np.int64)
+    if prompt_spans:
+        arrays["prompt_rows"] = np.asarray(prompt_rows, dtype=np.int64)
+        arrays["prompt_targets"] = np.asarray(prompt_targets, dtype=np.int64)
+    sampled_chunks = [chunks[i] for i in sampled_rows]
+    sampling_flags = _sampling_arrays(sampled_chunks, vocab_size, arrays) if sampled_chunks else None
+    on_device = stager.transfer(arrays)
 
     meta = AttentionMetadata(
-        slot_mapping=to_device(slot_mapping),
-        query_start_loc=to_device(query_start_loc),
-        seq_lens=to_device(np.asarray(seq_lens, dtype=np.int32)),
-        block_tables=to_device(block_tables),
+        slot_mapping=on_device["slot_mapping"],
+        query_start_loc=on_device["query_start_loc"],
+        seq_lens=on_device["seq_lens"],
+        block_tables=on_device["block_tables"],
         max_query_len=max(query_lens),
         max_seq_len=max(seq_lens),
         query_lens_cpu=query_lens,
         seq_lens_cpu=seq_lens,
     )
-    sampling = build_sampling_batch([chunks[i] for i in sampled_rows], vocab_size, device)
-    batch = ForwardBatch(to_device(input_ids), to_device(positions), meta, to_device(logits_indices), sampling)
+    sampling = None
+    if sampling_flags is not None:
+        sampling = SamplingBatch(
+            temperatures=on_device["temperatures"], top_ks=on_device["top_ks"], top_ps=on_device["top_ps"],
+            min_ps=on_device["min_ps"], keys=on_device["keys"], **sampling_flags,
+        )
+        _add_rare_sampling_state(sampling, sampled_chunks, vocab_size, stager.device)
+    batch = ForwardBatch(on_device["input_ids"], on_device["positions"], meta, on_device["logits_indices"], sampling)
+    batch.pending_rows = on_device.get("pending_rows")
+    batch.pending_sources = on_device.get("pending_sources")
     if prompt_spans:
-        batch.prompt_rows = to_device(np.asarray(prompt_rows, dtype=np.int64))
-        batch.prompt_targets = to_device(np.asarray(prompt_targets, dtype=np.int64))
+        batch.prompt_rows, batch.prompt_targets = on_device["prompt_rows"], on_device["prompt_targets"]
         batch.prompt_spans = prompt_spans
-    if pending_rows:
-        batch.pending_rows = to_device(np.asarray(pending_rows, dtype=np.int64))
-        batch.pending_sources = to_device(np.asarray(pending_sources, dtype=np.int64))
     return batch
 
 
@@ -124,45 +138,47 @@ def _prompt_logprob_rows(
     return rows, targets, spans
 
 
-def build_sampling_batch(chunks: list[ScheduledChunk], vocab_size: int, device: torch.device) -> SamplingBatch | None:
-    if not chunks:
-        return None
-    requests = [chunk.request for chunk in chunks]
-    # which output token each row samples: its noise and its min_tokens rule depend on that alone
-    output_numbers = [chunk.output_index - chunk.request.num_prompt_tokens for chunk in chunks]
-    params = [r.sampling_params for r in requests]
-    temperatures = [p.temperature for p in params]
-    top_ks = [p.top_k if p.top_k > 0 else vocab_size for p in params]
-    top_ps = [p.top_p for p in params]
-    min_ps = [p.min_p for p in params]
+def _sampling_arrays(chunks: list[ScheduledChunk], vocab_size: int, arrays: dict[str, np.ndarray]) -> dict:
+    """Add the per-row sampling settings to ``arrays``; return the flags that pick the sampler's code path."""
+    params = [chunk.request.sampling_params for chunk in chunks]
+    temperatures = np.asarray([p.temperature for p in params], dtype=np.float32)
+    top_ks = np.asarray([p.top_k if p.top_k > 0 else vocab_size for p in params], dtype=np.int64)
+    top_ps = np.asarray([p.top_p for p in params], dtype=np.float32)
+    min_ps = np.asarray([p.min_p for p in params], dtype=np.float32)
     # the noise of output token i of a request depends only on its seed and i
-    keys = row_keys(torch.tensor([r.sampling_seed for r in requests]), torch.tensor(output_numbers))
+    seeds = torch.tensor([chunk.request.sampling_seed for chunk in chunks], dtype=torch.int64)
+    output_numbers = torch.tensor([c.output_index - c.request.num_prompt_tokens for c in chunks], dtype=torch.int64)
+    arrays.update(temperatures=temperatures, top_ks=top_ks, top_ps=top_ps, min_ps=min_ps,
+                  keys=row_keys(seeds, output_numbers).numpy())
+    return {
+        "all_greedy": bool((temperatures == 0).all()),
+        "use_top_k_top_p": bool((top_ks < vocab_size).any() or (top_ps < 1.0).any()),
+        "use_min_p": bool((min_ps > 0).any()),
+    }
+
+
+def _add_rare_sampling_state(
+    sampling: SamplingBatch, chunks: list[ScheduledChunk], vocab_size: int, device: torch.device
+) -> None:
+    """min_tokens bans, penalties and logprob counts: built only for batches whose requests use them."""
+    requests = [chunk.request for chunk in chunks]
     banned_rows: list[int] = []
     banned_tokens: list[int] = []
-    for row, (request, number) in enumerate(zip(requests, output_numbers)):
-        if number < request.sampling_params.min_tokens:
-            stop_ids = set(request.sampling_params.stop_token_ids)
-            if not request.sampling_params.ignore_eos:
-                stop_ids |= request.eos_token_ids
+    for row, chunk in enumerate(chunks):
+        params = chunk.request.sampling_params
+        if chunk.output_index - chunk.request.num_prompt_tokens < params.min_tokens:
+            stop_ids = set(params.stop_token_ids)
+            if not params.ignore_eos:
+                stop_ids |= chunk.request.eos_token_ids
             banned_rows += [row] * len(stop_ids)
             banned_tokens += sorted(stop_ids)
-    logprob_counts = [p.logprobs for p in params if p.logprobs is not None]
-    banned = None
     if banned_rows:
-        banned = (host_to_device(torch.tensor(banned_rows), device), host_to_device(torch.tensor(banned_tokens), device))
-    return SamplingBatch(
-        temperatures=host_to_device(torch.tensor(temperatures, dtype=torch.float32), device),
-        top_ks=host_to_device(torch.tensor(top_ks, dtype=torch.int64), device),
-        top_ps=host_to_device(torch.tensor(top_ps, dtype=torch.float32), device),
-        min_ps=host_to_device(torch.tensor(min_ps, dtype=torch.float32), device),
-        keys=host_to_device(keys, device),
-        all_greedy=all(t == 0 for t in temperatures),
-        use_top_k_top_p=any(k < vocab_size for k in top_ks) or any(p < 1.0 for p in top_ps),
-        use_min_p=any(p > 0 for p in min_ps),
-        banned=banned,
-        penalties=_penalties(requests, vocab_size, device) if any(p.has_penalties for p in params) else None,
-        num_logprobs=max(logprob_counts, default=-1),
-    )
+        sampling.banned = (host_to_device(torch.tensor(banned_rows), device),
+                           host_to_device(torch.tensor(banned_tokens), device))
+    params = [r.sampling_params for r in requests]
+    if any(p.has_penalties for p in params):
+        sampling.penalties = _penalties(requests, vocab_size, device)
+    sampling.num_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=-1)
 
 
 def _penalties(requests: list, vocab_size: int, device: torch.device) -> Penalties:

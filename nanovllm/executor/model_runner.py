@@ -16,6 +16,7 @@ from nanovllm.layers.attention import make_attention_backend
 from nanovllm.layers.attention.context import set_forward_context
 from nanovllm.layers.attention.layer import Attention
 from nanovllm.executor.logprobs import PendingStep, prompt_logprobs
+from nanovllm.executor.staging import HostStager
 from nanovllm.layers.sampler import Sampler
 from nanovllm.loader import init_dummy_weights, load_weights
 from nanovllm.models.registry import get_model_class
@@ -79,6 +80,7 @@ class ModelRunner:
         self.last_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._wait_time = 0.0
         self.graphs = None
+        self.stager = HostStager(self.device)
         self.num_kv_blocks = self._size_kv_pool()
         self._allocate_kv_pool(self.num_kv_blocks)
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name != "torch":
@@ -195,7 +197,7 @@ class ModelRunner:
     def launch(self, sched: SchedulerOutput) -> PendingStep:
         """Queue one step on the device and start copying its results back; returns without waiting."""
         self.copy_pages(sched.page_copies)
-        batch = build_forward_batch(sched, self.block_size, self.vocab_size, self.device)
+        batch = build_forward_batch(sched, self.block_size, self.vocab_size, self.stager)
         sampled_chunks = sched.sampled_chunks
         pending = PendingStep(sampled_chunks)
         logits, hidden = self.forward(batch)
