@@ -81,6 +81,8 @@ class ModelRunner:
         self._wait_time = 0.0
         self.graphs = None
         self.stager = HostStager(self.device)
+        self._token_slots: list[torch.Tensor] = []
+        self._next_token_slot = 0
         self.num_kv_blocks = self._size_kv_pool()
         self._allocate_kv_pool(self.num_kv_blocks)
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name != "torch":
@@ -209,7 +211,7 @@ class ModelRunner:
             self.last_sampled = sampled.token_ids
             for row, chunk in enumerate(sampled_chunks):
                 chunk.request.sample_row = row
-            pending.token_ids = self._to_host(sampled.token_ids)
+            pending.token_ids = self._tokens_to_host(sampled.token_ids)
             if sampled.logprobs is not None:
                 pending.logprobs = (self._to_host(sampled.logprob_ids), self._to_host(sampled.logprobs))
         if self.device.type == "cuda":
@@ -229,6 +231,17 @@ class ModelRunner:
         """Seconds spent blocked on the device since the last call (so the engine can report host time)."""
         wait, self._wait_time = self._wait_time, 0.0
         return wait
+
+    def _tokens_to_host(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Into the next of a few reused pinned buffers (a slot returns only after its step was collected)."""
+        if self.device.type != "cuda":
+            return tokens
+        if not self._token_slots:
+            self._token_slots = [torch.empty(self.config.max_num_seqs, dtype=torch.int64, pin_memory=True)
+                                 for _ in range(3)]
+        slot = self._token_slots[self._next_token_slot][: tokens.shape[0]]
+        self._next_token_slot = (self._next_token_slot + 1) % len(self._token_slots)
+        return slot.copy_(tokens, non_blocking=True)
 
     def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda":
