@@ -8,6 +8,7 @@ same command runs a scaled-down case (8 prompts, lengths in [8, 64]).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import random
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.benchmarks.peer_hf import run_hf_continuous_batching
 from nanovllm.benchmarks.roofline import DeviceCeilings, measure_ceilings, throughput_floor
 from nanovllm.testing import PRESETS, write_config_only
 
@@ -58,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--compare-hf", action="store_true",
+                        help="then run HF transformers' continuous batching on the same workload and report the ratio")
     parser.add_argument("--output-json", default=None, help="write the figures to this file")
 
 
@@ -83,6 +87,9 @@ def main(args: argparse.Namespace) -> dict:
     if args.max_num_batched_tokens:
         engine_args["max_num_batched_tokens"] = args.max_num_batched_tokens
     llm = LLM(model, **engine_args)
+    vocab_size = llm.engine.config.hf_config.vocab_size
+    if vocab_size <= 10000:  # a tiny test model: fold the workload's ids into its vocabulary
+        workload.prompts = [[t % vocab_size for t in p] for p in workload.prompts]
     params = [SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=n) for n in workload.max_tokens]
 
     llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=16), use_tqdm=False)  # warm-up
@@ -120,6 +127,14 @@ def main(args: argparse.Namespace) -> dict:
             floor_output_tok_per_s=output_tokens / floor_s,
             ratio_to_floor=floor_s / elapsed,
         )
+    if args.compare_hf:
+        del llm
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        peer = run_hf_continuous_batching(model, workload.prompts, workload.max_tokens, args.temperature, device)
+        result.update(hf_output_tok_per_s=peer["output_tok_per_s"], hf_output_tokens=peer["output_tokens"],
+                      hf_elapsed_s=peer["elapsed_s"], speedup_vs_hf=result["output_tok_per_s"] / peer["output_tok_per_s"])
     _print(result)
     if args.output_json:
         with open(args.output_json, "w") as f:
@@ -143,6 +158,12 @@ def _print(result: dict) -> None:
             f"floor             {result['floor_s']:.2f} s = {result['floor_output_tok_per_s']:,.0f} output tok/s; "
             f"we reach {100 * result['ratio_to_floor']:.1f}% of it",
         ]
+    if "hf_output_tok_per_s" in result:
+        lines.append(
+            f"HF transformers   {result['hf_output_tok_per_s']:,.0f} output tok/s ({result['hf_output_tokens']} tokens, "
+            f"{result['hf_elapsed_s']:.2f} s, continuous batching, paged sdpa); we are "
+            f"{result['speedup_vs_hf']:.2f}x"
+        )
     print("\n".join(lines))
 
 
