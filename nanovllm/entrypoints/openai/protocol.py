@@ -8,7 +8,7 @@ that the HTTP API and the Python API give the same messages.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
@@ -96,7 +96,7 @@ class SamplingFields(RequestModel):
 
 class CompletionRequest(SamplingFields):
     # one prompt as text or token ids, or a batch of either
-    prompt: Union[str, list[StrictInt], list[str], list[list[StrictInt]]]
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False

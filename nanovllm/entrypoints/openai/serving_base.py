@@ -145,8 +145,11 @@ async def merge_async_iterators(iterators: list[AsyncIterator[T]]) -> AsyncItera
 
     Closing (or cancelling) the merged iterator cancels every source, which aborts their requests."""
     if len(iterators) == 1:
-        async for item in iterators[0]:
-            yield 0, item
+        try:
+            async for item in iterators[0]:
+                yield 0, item
+        finally:
+            await _close(iterators[0])  # `async for` leaves a source open when we are closed early
         return
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 
@@ -173,6 +176,12 @@ async def merge_async_iterators(iterators: list[AsyncIterator[T]]) -> AsyncItera
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _close(iterator: AsyncIterator[Any]) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 async def run_until_disconnect(raw_request: Request, work: Awaitable[T]) -> T:

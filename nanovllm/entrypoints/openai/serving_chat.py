@@ -144,8 +144,8 @@ class OpenAIServingChat(OpenAIServing):
                 usage.prompt_tokens = len(out.prompt_token_ids)
                 for c in out.outputs:
                     usage.completion_tokens += len(c.token_ids)
-                    if not c.text and c.finish_reason is None and not (req.logprobs and c.token_ids):
-                        continue
+                    if not c.token_ids and not c.text and c.finish_reason is None:
+                        continue  # nothing new (a token that completes no character still gets its chunk)
                     logprobs = self.chat_logprobs(c.token_ids, c.logprobs, top_n) if req.logprobs else None
                     yield chunk([ChatCompletionStreamChoice(
                         index=c.index, delta=DeltaMessage(content=c.text), logprobs=logprobs,
@@ -156,4 +156,6 @@ class OpenAIServingChat(OpenAIServing):
                 yield chunk([], usage)
         except Exception as exc:  # noqa: BLE001 - the status line is gone; the error travels in the stream
             yield sse_error(exc)
+        finally:
+            await outputs.aclose()  # type: ignore[attr-defined]  # aborts the request if we stopped early
         yield SSE_DONE

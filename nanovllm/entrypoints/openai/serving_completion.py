@@ -154,8 +154,8 @@ class OpenAIServingCompletion(OpenAIServing):
                     text, logprobs = self._choice_body(req, out, c.text, c.token_ids, c.logprobs,
                                                        echo=req.echo and first, offset=offsets.get(index, 0))
                     offsets[index] = offsets.get(index, 0) + len(text)
-                    if not text and c.finish_reason is None and not (logprobs and logprobs.tokens):
-                        continue  # a token that completes no character yet: nothing to show
+                    if not c.token_ids and not text and c.finish_reason is None:
+                        continue  # nothing new for this choice
                     choice = CompletionResponseChoice(index=index, text=text, logprobs=logprobs,
                                                       finish_reason=c.finish_reason, stop_reason=c.stop_reason)
                     yield sse(CompletionResponse(id=request_id, created=created, model=self.model_name,
