@@ -8,13 +8,16 @@ same command runs a scaled-down case (8 prompts, lengths in [8, 64]).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
+import os
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -62,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--compare-hf", action="store_true",
                         help="then run HF transformers' continuous batching on the same workload and report the ratio")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="run the timed generate under the torch profiler; print the top ops, write a trace to DIR "
+                             "(use a short workload, e.g. --input-len 512 --output-len 32)")
     parser.add_argument("--output-json", default=None, help="write the figures to this file")
 
 
@@ -94,9 +100,10 @@ def main(args: argparse.Namespace) -> dict:
 
     llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=16), use_tqdm=False)  # warm-up
     stats_before = llm.stats()
-    start = time.perf_counter()
-    outputs = llm.generate(workload.prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
+    with _maybe_profile(args.profile, device):
+        start = time.perf_counter()
+        outputs = llm.generate(workload.prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
     stats_after = llm.stats()
 
     prompt_tokens = sum(len(p) for p in workload.prompts)
@@ -140,6 +147,23 @@ def main(args: argparse.Namespace) -> dict:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+@contextlib.contextmanager
+def _maybe_profile(trace_dir: str | None, device: str) -> Iterator[None]:
+    if trace_dir is None:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        yield
+    os.makedirs(trace_dir, exist_ok=True)
+    prof.export_chrome_trace(os.path.join(trace_dir, "trace.json"))
+    sort_key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_key, row_limit=25))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15))
 
 
 def _print(result: dict) -> None:
