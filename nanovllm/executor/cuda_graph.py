@@ -55,7 +55,7 @@ class CUDAGraphRunner:
 
     def _forward(self, batch_size: int, meta: AttentionMetadata) -> torch.Tensor:
         model = self.runner.model
-        with set_forward_context(meta, self.runner.backend):
+        with set_forward_context(meta, self.runner.backend, self.runner.compile_ops):
             hidden = model(self.input_ids[:batch_size], self.positions[:batch_size])
         return model.compute_logits(hidden)
 

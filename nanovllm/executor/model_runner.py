@@ -80,6 +80,7 @@ class ModelRunner:
         self.last_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._wait_time = 0.0
         self.graphs = None
+        self.compile_ops = self.device.type == "cuda" and not config.enforce_eager
         self.stager = HostStager(self.device)
         self._token_slots: list[torch.Tensor] = []
         self._next_token_slot = 0
@@ -156,7 +157,7 @@ class ModelRunner:
         )
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         positions = torch.cat([torch.arange(n, device=self.device) for n in query_lens])
-        with set_forward_context(meta, self.backend):
+        with set_forward_context(meta, self.backend, self.compile_ops):
             hidden = self.model(input_ids, positions)
         last_rows = meta.query_start_loc[1:].long() - 1
         self.model.compute_logits(hidden[last_rows.repeat(-(-self.config.max_num_seqs // num_seqs))])
@@ -256,7 +257,7 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(batch):
             return self.graphs.run(batch)
         self.backend.prepare(batch.meta)
-        with set_forward_context(batch.meta, self.backend):
+        with set_forward_context(batch.meta, self.backend, self.compile_ops):
             hidden = self.model(batch.input_ids, batch.positions)
         logits = self.model.compute_logits(hidden[batch.logits_indices]) if batch.sampling is not None else None
         return logits, hidden

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from nanovllm.layers.fusion import apply_rotary
+
 
 def rope_parameters(hf_config: Any) -> dict[str, Any]:
     """The rope settings under either config spelling: ``rope_parameters`` (newer) or ``rope_theta`` +
@@ -55,13 +57,4 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``q``/``k``: ``[num_tokens, num_heads, head_dim]``."""
-        cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)
-        cos = torch.cat([cos, cos], dim=-1).unsqueeze(1).to(q.dtype)
-        sin = torch.cat([sin, sin], dim=-1).unsqueeze(1).to(q.dtype)
-        return _apply(q, cos, sin), _apply(k, cos, sin)
-
-
-def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos + rotated * sin
+        return apply_rotary(positions, q, k, self.cos_sin_cache)
