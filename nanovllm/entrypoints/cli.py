@@ -146,10 +146,11 @@ def _run_chat(args: argparse.Namespace) -> None:
 def _add_bench(sub: argparse._SubParsersAction, load: bool) -> None:
     """``load``: import the benchmark modules for their flags (only when the command is ``bench``: they pull in
     torch, which other commands should not wait for just to parse their arguments)."""
-    p = sub.add_parser("bench", help="benchmarks: offline throughput, online serving latency")
-    bench = p.add_subparsers(dest="bench", metavar="{throughput,serve}", required=True)
+    p = sub.add_parser("bench", help="benchmarks: offline throughput, prefix cache, online serving latency")
+    bench = p.add_subparsers(dest="bench", metavar="{throughput,prefix,serve}", required=True)
     for name, module, help_text in (
         ("throughput", "nanovllm.benchmarks.throughput", "offline generation throughput (LLM.generate)"),
+        ("prefix", "nanovllm.benchmarks.shared_prefix", "a shared system prompt with the prefix cache on and off"),
         ("serve", "nanovllm.benchmarks.serve", "latency and throughput of an OpenAI-compatible server"),
     ):
         bp = bench.add_parser(name, help=help_text)
