@@ -11,6 +11,7 @@ from torch import nn
 _MODELS: dict[str, tuple[str, str]] = {
     "Qwen3ForCausalLM": ("qwen3", "Qwen3ForCausalLM"),
     "Qwen2ForCausalLM": ("qwen2", "Qwen2ForCausalLM"),
+    "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
 }
 
 
