@@ -60,11 +60,13 @@ class Qwen3MLP(nn.Module):
 
 class Qwen3DecoderLayer(nn.Module):
     def __init__(
-        self, config: Any, qkv_bias: bool, qk_norm: bool, o_bias: bool = False, mlp_bias: bool = False
+        self, config: Any, qkv_bias: bool, qk_norm: bool, o_bias: bool = False, mlp_bias: bool = False,
+        mlp: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.self_attn = Qwen3Attention(config, qkv_bias, qk_norm, o_bias)
-        self.mlp = Qwen3MLP(config.hidden_size, config.intermediate_size, mlp_bias)
+        # a mixture-of-experts model passes its sparse block here
+        self.mlp = mlp if mlp is not None else Qwen3MLP(config.hidden_size, config.intermediate_size, mlp_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 

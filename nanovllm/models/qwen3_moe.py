@@ -1,0 +1,22 @@
+"""Qwen3-MoE: Qwen3 attention (per-head q/k norm), sparse expert blocks with no shared expert."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from nanovllm.layers.moe import SparseMoeBlock, is_sparse_layer, map_expert_weight
+from nanovllm.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
+
+
+class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
+    qkv_bias = False
+    qk_norm = True
+
+    def make_layer(self, config: Any, layer_index: int) -> nn.Module:
+        mlp = SparseMoeBlock(config) if is_sparse_layer(config, layer_index) else None
+        return Qwen3DecoderLayer(config, self.qkv_bias, self.qk_norm, mlp=mlp)
+
+    @staticmethod
+    def map_expert_weight(param_name: str, shard_id: object) -> tuple[str, object]:
+        return map_expert_weight(param_name, shard_id)
