@@ -124,8 +124,8 @@ def test_engine_error_mid_generation_leaves_nothing_behind(qwen3_dir, overlap):
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     expected = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     executor = llm.engine.core.executor
-    name = "launch" if hasattr(executor, "launch") else "execute"
-    real = getattr(executor, name)
+    name = "launch"
+    real = executor.launch
     calls = {"n": 0}
 
     def failing(*args, **kwargs):

@@ -7,7 +7,6 @@ position's logits are compared, in one chunk or in several (each chunk reading t
 """
 from __future__ import annotations
 
-import dataclasses
 import random
 
 import pytest
@@ -65,9 +64,6 @@ def hf_logits(hf, prompt_ids: list[int]) -> torch.Tensor:
 
 def all_row_logits(runner, batch) -> torch.Tensor:
     """Logits of every row of a forward batch."""
-    if hasattr(runner, "forward_logits"):  # older runner: logits of ``logits_indices`` only
-        batch = dataclasses.replace(batch, logits_indices=torch.arange(batch.input_ids.shape[0]))
-        return runner.forward_logits(batch)
     _, hidden = runner.forward(batch)  # (logits of the sampled rows, hidden states of every row)
     return runner.model.compute_logits(hidden)
 
@@ -97,10 +93,7 @@ def our_logits(llm: LLM, prompts: list[list[int]], chunk_size: int | None = None
                     n = request.num_tokens - start if chunk_size is None else min(chunk_size, request.num_tokens - start)
                     # as the scheduler does: the page table grows to cover the tokens computed so far
                     pages[i] += kv.allocator.allocate(kv.pages_for(start + n) - len(pages[i]))
-                    if hasattr(request, "set_page_table"):
-                        request.set_page_table(list(pages[i]))
-                    else:
-                        request.page_table = list(pages[i])
+                    request.set_page_table(list(pages[i]))
                     chunks.append(ScheduledChunk(request, start, n, sample=False))
             sched = SchedulerOutput(chunks=chunks, num_batched_tokens=sum(c.num_tokens for c in chunks))
             batch = build_forward_batch(sched, runner.block_size, runner.vocab_size, runner.stager)

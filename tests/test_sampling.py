@@ -14,9 +14,7 @@ from nanovllm.layers.sampler import Sampler, SamplingBatch
 
 def engine_keys(seeds: list[int], steps: list[int]) -> torch.Tensor:
     """Row keys as the engine derives them from (request seed, output index)."""
-    if hasattr(sampler_module, "row_keys"):  # vectorised: tensors in, tensor out
-        return sampler_module.row_keys(torch.tensor(seeds, dtype=torch.int64), torch.tensor(steps, dtype=torch.int64))
-    return torch.tensor([sampler_module.row_key(s, t) for s, t in zip(seeds, steps)], dtype=torch.int64)
+    return sampler_module.row_keys(torch.tensor(seeds, dtype=torch.int64), torch.tensor(steps, dtype=torch.int64))
 
 
 def keys_for(n: int, seed: int = 1234) -> torch.Tensor:
