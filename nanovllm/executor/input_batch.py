@@ -37,7 +37,23 @@ class ForwardBatch:
     prompt_spans: list[tuple[str, int, int]] | None = None
 
 
+@dataclass
+class HostBatch:
+    """A step's inputs on the host: plain arrays and numbers, cheap to pickle (tensor-parallel ranks get this)."""
+
+    arrays: dict[str, np.ndarray]
+    query_lens: list[int]
+    seq_lens: list[int]
+    prompt_spans: list[tuple[str, int, int]]
+    sampling_flags: dict | None  # None: no row samples
+    num_logprobs: int = -1
+
+
 def build_forward_batch(sched: SchedulerOutput, block_size: int, vocab_size: int, stager: HostStager) -> ForwardBatch:
+    return to_forward_batch(build_host_batch(sched, block_size, vocab_size), stager)
+
+
+def build_host_batch(sched: SchedulerOutput, block_size: int, vocab_size: int) -> HostBatch:
     chunks = sched.chunks
     query_lens = [chunk.num_tokens for chunk in chunks]
     seq_lens = [chunk.start + chunk.num_tokens for chunk in chunks]
@@ -89,32 +105,46 @@ def build_forward_batch(sched: SchedulerOutput, block_size: int, vocab_size: int
         arrays["prompt_rows"] = np.asarray(prompt_rows, dtype=np.int64)
         arrays["prompt_targets"] = np.asarray(prompt_targets, dtype=np.int64)
     sampled_chunks = [chunks[i] for i in sampled_rows]
-    sampling_flags = _sampling_arrays(sampled_chunks, vocab_size, arrays) if sampled_chunks else None
-    on_device = stager.transfer(arrays)
+    host = HostBatch(arrays, query_lens, seq_lens, prompt_spans, None)
+    if sampled_chunks:
+        host.sampling_flags = _sampling_arrays(sampled_chunks, vocab_size, arrays)
+        host.num_logprobs = _rare_sampling_arrays(sampled_chunks, vocab_size, arrays)
+    return host
 
+
+def to_forward_batch(host: HostBatch, stager: HostStager) -> ForwardBatch:
+    on_device = stager.transfer(host.arrays)
     meta = AttentionMetadata(
         slot_mapping=on_device["slot_mapping"],
         query_start_loc=on_device["query_start_loc"],
         seq_lens=on_device["seq_lens"],
         block_tables=on_device["block_tables"],
-        max_query_len=max(query_lens),
-        max_seq_len=max(seq_lens),
-        query_lens_cpu=query_lens,
-        seq_lens_cpu=seq_lens,
+        max_query_len=max(host.query_lens),
+        max_seq_len=max(host.seq_lens),
+        query_lens_cpu=host.query_lens,
+        seq_lens_cpu=host.seq_lens,
     )
     sampling = None
-    if sampling_flags is not None:
+    if host.sampling_flags is not None:
         sampling = SamplingBatch(
             temperatures=on_device["temperatures"], top_ks=on_device["top_ks"], top_ps=on_device["top_ps"],
-            min_ps=on_device["min_ps"], keys=on_device["keys"], **sampling_flags,
+            min_ps=on_device["min_ps"], keys=on_device["keys"], **host.sampling_flags,
+            num_logprobs=host.num_logprobs,
         )
-        _add_rare_sampling_state(sampling, sampled_chunks, vocab_size, stager.device)
+        if "banned_rows" in on_device:
+            sampling.banned = (on_device["banned_rows"], on_device["banned_tokens"])
+        if "output_counts" in on_device:
+            sampling.penalties = Penalties(
+                presence=on_device["presence"], frequency=on_device["frequency"],
+                repetition=on_device["repetition"], output_counts=on_device["output_counts"],
+                seen=on_device["seen"],
+            )
     batch = ForwardBatch(on_device["input_ids"], on_device["positions"], meta, on_device["logits_indices"], sampling)
     batch.pending_rows = on_device.get("pending_rows")
     batch.pending_sources = on_device.get("pending_sources")
-    if prompt_spans:
+    if host.prompt_spans:
         batch.prompt_rows, batch.prompt_targets = on_device["prompt_rows"], on_device["prompt_targets"]
-        batch.prompt_spans = prompt_spans
+        batch.prompt_spans = host.prompt_spans
     return batch
 
 
@@ -157,10 +187,9 @@ def _sampling_arrays(chunks: list[ScheduledChunk], vocab_size: int, arrays: dict
     }
 
 
-def _add_rare_sampling_state(
-    sampling: SamplingBatch, chunks: list[ScheduledChunk], vocab_size: int, device: torch.device
-) -> None:
-    """min_tokens bans, penalties and logprob counts: built only for batches whose requests use them."""
+def _rare_sampling_arrays(chunks: list[ScheduledChunk], vocab_size: int, arrays: dict[str, np.ndarray]) -> int:
+    """min_tokens bans and penalties, added to ``arrays`` only for batches whose requests use them; returns the
+    most top logprobs any row asks for (-1: none)."""
     requests = [chunk.request for chunk in chunks]
     banned_rows: list[int] = []
     banned_tokens: list[int] = []
@@ -173,29 +202,28 @@ def _add_rare_sampling_state(
             banned_rows += [row] * len(stop_ids)
             banned_tokens += sorted(stop_ids)
     if banned_rows:
-        sampling.banned = (host_to_device(torch.tensor(banned_rows), device),
-                           host_to_device(torch.tensor(banned_tokens), device))
+        arrays["banned_rows"] = np.asarray(banned_rows, dtype=np.int64)
+        arrays["banned_tokens"] = np.asarray(banned_tokens, dtype=np.int64)
     params = [r.sampling_params for r in requests]
     if any(p.has_penalties for p in params):
-        sampling.penalties = _penalties(requests, vocab_size, device)
-    sampling.num_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=-1)
+        _penalty_arrays(requests, vocab_size, arrays)
+    return max((p.logprobs for p in params if p.logprobs is not None), default=-1)
 
 
-def _penalties(requests: list, vocab_size: int, device: torch.device) -> Penalties:
+def _penalty_arrays(requests: list, vocab_size: int, arrays: dict[str, np.ndarray]) -> None:
     """Token counts per row, built only for batches where some request uses a penalty."""
-    counts = torch.zeros(len(requests), vocab_size)
-    seen = torch.zeros(len(requests), vocab_size, dtype=torch.bool)
+    counts = np.zeros((len(requests), vocab_size), dtype=np.float32)
+    seen = np.zeros((len(requests), vocab_size), dtype=np.bool_)
     for row, request in enumerate(requests):
         outputs = [t for t in request.output_token_ids if t != PLACEHOLDER]
-        if outputs:
-            counts[row].index_add_(0, torch.tensor(outputs), torch.ones(len(outputs)))
+        np.add.at(counts[row], outputs, 1.0)
         seen[row, request.prompt_token_ids] = True
     seen |= counts > 0
     params = [r.sampling_params for r in requests]
-    return Penalties(
-        presence=host_to_device(torch.tensor([p.presence_penalty for p in params]), device),
-        frequency=host_to_device(torch.tensor([p.frequency_penalty for p in params]), device),
-        repetition=host_to_device(torch.tensor([p.repetition_penalty for p in params]), device),
-        output_counts=host_to_device(counts, device),
-        seen=host_to_device(seen, device),
+    arrays.update(
+        presence=np.asarray([p.presence_penalty for p in params], dtype=np.float32),
+        frequency=np.asarray([p.frequency_penalty for p in params], dtype=np.float32),
+        repetition=np.asarray([p.repetition_penalty for p in params], dtype=np.float32),
+        output_counts=counts,
+        seen=seen,
     )
