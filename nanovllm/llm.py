@@ -76,6 +76,10 @@ class LLM:
             bar.close()
         return [results[request_id] for request_id in request_ids]
 
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes, if it has any (tensor parallelism). Also runs at exit."""
+        self.engine.shutdown()
+
     def stats(self) -> dict[str, float]:
         """Counters since start-up: steps, prompt and generated tokens, preemptions, prefix-cache use, host time."""
         return self.engine.stats()

@@ -52,6 +52,16 @@ def load_generation_config(model_path: str) -> Any:
 
 
 def make_executor(config: EngineConfig, model_path: str) -> Any:
+    from nanovllm.distributed import get_tp_size
+
+    if config.pipeline_parallel_size > 1:
+        raise ValueError("pipeline_parallel_size > 1 is not supported yet; use tensor_parallel_size")
+    if get_tp_size() > 1:  # layers read the process's one tensor-parallel group: a second engine would share it
+        raise RuntimeError("this process already runs a tensor-parallel engine; call its shutdown() first")
+    if config.tensor_parallel_size > 1:
+        from nanovllm.executor.tp_executor import TensorParallelExecutor
+
+        return TensorParallelExecutor(config, model_path)
     from nanovllm.executor.model_runner import ModelRunner
 
     return ModelRunner(config, model_path)
@@ -93,6 +103,12 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.core.has_unfinished()
+
+    def shutdown(self) -> None:
+        """Stop worker processes (tensor parallelism); a single-process engine has nothing to stop."""
+        shutdown = getattr(self.core.executor, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
 
     def stats(self) -> dict[str, float]:
         stats = dataclasses.asdict(self.core.stats)

@@ -1,7 +1,7 @@
 """Turn a scheduled batch into the flat tensors a forward needs."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ class HostBatch:
     prompt_spans: list[tuple[str, int, int]]
     sampling_flags: dict | None  # None: no row samples
     num_logprobs: int = -1
+    page_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write before the forward
 
 
 def build_forward_batch(sched: SchedulerOutput, block_size: int, vocab_size: int, stager: HostStager) -> ForwardBatch:

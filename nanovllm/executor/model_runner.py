@@ -9,9 +9,10 @@ from typing import Any
 import torch
 
 from nanovllm.config import EngineConfig
+from nanovllm.distributed.parallel_state import agree_on_minimum
 from nanovllm.engine.scheduler import ModelOutput, SchedulerOutput
 from nanovllm.executor.cuda_graph import CUDAGraphRunner
-from nanovllm.executor.input_batch import ForwardBatch, build_forward_batch, host_to_device
+from nanovllm.executor.input_batch import ForwardBatch, HostBatch, build_host_batch, host_to_device, to_forward_batch
 from nanovllm.layers.attention import make_attention_backend
 from nanovllm.layers.attention.context import set_forward_context
 from nanovllm.layers.attention.layer import Attention
@@ -112,7 +113,7 @@ class ModelRunner:
             budget = int(self.config.cpu_kv_cache_gib * (1 << 30))
         else:
             budget = self._free_gpu_memory_for_kv()
-        num_pages = min(budget // self.page_bytes(), max_useful)
+        num_pages = agree_on_minimum(min(budget // self.page_bytes(), max_useful))
         if num_pages <= 0:
             raise ValueError(
                 "no memory is left for the KV cache; raise gpu_memory_utilization or use a smaller model"
@@ -196,25 +197,39 @@ class ModelRunner:
         """Run one scheduled batch and wait for it; sample a token for each chunk with ``sample`` set."""
         return self.collect(self.launch(sched))
 
+    def build_host_batch(self, sched: SchedulerOutput) -> HostBatch:
+        host = build_host_batch(sched, self.block_size, self.vocab_size)
+        host.page_copies = sched.page_copies
+        return host
+
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput) -> PendingStep:
         """Queue one step on the device and start copying its results back; returns without waiting."""
-        self.copy_pages(sched.page_copies)
-        batch = build_forward_batch(sched, self.block_size, self.vocab_size, self.stager)
-        sampled_chunks = sched.sampled_chunks
-        pending = PendingStep(sampled_chunks)
+        return self.launch_host(self.build_host_batch(sched), sched.sampled_chunks)
+
+    @torch.inference_mode()
+    def launch_host(self, host: HostBatch, sampled_chunks: list | None) -> PendingStep:
+        """Run a step from its host arrays. Every tensor-parallel rank runs this, samples included (sampling is
+        deterministic, so all ranks hold the same tokens for the next step's inputs); only the driver, which passes
+        ``sampled_chunks``, copies results back."""
+        self.copy_pages(host.page_copies)
+        batch = to_forward_batch(host, self.stager)
+        driver = sampled_chunks is not None
+        pending = PendingStep(sampled_chunks or [])
         logits, hidden = self.forward(batch)
         if batch.prompt_spans:
             ids, values = prompt_logprobs(self.model.compute_logits(hidden[batch.prompt_rows]), batch)
-            pending.prompt = (self._to_host(ids), self._to_host(values), batch.prompt_spans)
+            if driver:
+                pending.prompt = (self._to_host(ids), self._to_host(values), batch.prompt_spans)
         if batch.sampling is not None:
             sampled = self.sampler(logits, batch.sampling)
             self.last_sampled = sampled.token_ids
-            for row, chunk in enumerate(sampled_chunks):
-                chunk.request.sample_row = row
-            pending.token_ids = self._tokens_to_host(sampled.token_ids)
-            if sampled.logprobs is not None:
-                pending.logprobs = (self._to_host(sampled.logprob_ids), self._to_host(sampled.logprobs))
+            if driver:
+                for row, chunk in enumerate(sampled_chunks):
+                    chunk.request.sample_row = row
+                pending.token_ids = self._tokens_to_host(sampled.token_ids)
+                if sampled.logprobs is not None:
+                    pending.logprobs = (self._to_host(sampled.logprob_ids), self._to_host(sampled.logprobs))
         if self.device.type == "cuda":
             pending.event = torch.cuda.Event()
             pending.event.record()
