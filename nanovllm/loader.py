@@ -10,6 +10,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from nanovllm.checkpoint_slice import CheckpointSlice
+
 logger = logging.getLogger(__name__)
 
 
@@ -84,7 +86,7 @@ def load_weights(model: nn.Module, path: str) -> None:
                 continue  # a layer another pipeline stage owns
             raise ValueError(f"checkpoint tensor {name!r} has no matching parameter ({param_name!r})")
         weight_loader = getattr(param, "weight_loader", _default_weight_loader)
-        weight_loader(param, tensor_slice[:], shard_id)
+        weight_loader(param, CheckpointSlice(tensor_slice), shard_id)  # a TP rank reads only its shard
         loaded.add(param_name)
     missing = sorted(set(params) - loaded - {"lm_head.weight"} - skip)
     if missing:

@@ -1,71 +1,289 @@
-"""Tensor parallelism over several CPU processes (gloo): the same greedy tokens as one process, and clean failure."""
+"""Tensor and pipeline parallelism over several CPU processes (gloo): the same tokens as one process, and clean
+failure and shutdown. Every wait here is bounded: a test that breaks fails, it does not hang CI."""
 from __future__ import annotations
 
-import multiprocessing as mp
+import gc
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
+from typing import Any
 
+import psutil
 import pytest
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.testing import build_checkpoint
+from nanovllm.executor.parallel_checks import check_parallel_sizes
+from nanovllm.executor.pipeline import stage_layer_range
+from nanovllm.testing import build_checkpoint, tiny_config_dict
 
-PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-PROMPTS = [list(range(5, 5 + n)) for n in (1, 9, 40)]
-
-MODELS = {
-    "dense-gqa": ("Qwen3ForCausalLM", {}),  # 4 heads, 2 KV heads: one KV head per rank
-    "kv-heads-below-tp": ("Qwen3ForCausalLM", {"num_key_value_heads": 1}),  # the KV head is replicated
-    "moe": ("Qwen3MoeForCausalLM", {"num_hidden_layers": 3, "mlp_only_layers": [1]}),  # experts sharded
-    "qwen2-bias": ("Qwen2ForCausalLM", {}),
-}
-
-
-@pytest.fixture(scope="module", params=sorted(MODELS))
-def model(request, tmp_path_factory) -> str:
-    arch, overrides = MODELS[request.param]
-    return build_checkpoint(tmp_path_factory.mktemp(request.param), arch, **overrides)
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+# seeded sampling with penalties, logprobs and prompt logprobs: every rank that samples must agree, and the
+# driver must get the logprobs from whichever rank computed them
+SEEDED = SamplingParams(temperature=0.9, top_k=20, max_tokens=6, seed=7, ignore_eos=True, presence_penalty=0.5,
+                        logprobs=2, prompt_logprobs=1)
+# one token, a chunked prompt (40 > 16 tokens a step), and a prompt sharing its first pages (prefix cache)
+PROMPTS = [[7], list(range(5, 45)), list(range(5, 30))]
+LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2), "tp2xpp2": (2, 2)}
 
 
-def _greedy(path: str, **engine_args) -> tuple[list[list[int]], LLM]:
-    llm = LLM(path, device="cpu", dtype="float32", **engine_args)
-    return [o.token_ids for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)], llm
+def make_llm(path: str, tp: int = 1, pp: int = 1, **kwargs: Any) -> LLM:
+    kwargs.setdefault("cpu_kv_cache_gib", 0.01)  # small pools; each rank sizes its own and they agree
+    return LLM(path, device="cpu", dtype="float32", tensor_parallel_size=tp, pipeline_parallel_size=pp,
+               max_num_batched_tokens=16, **kwargs)
 
 
-def test_tp2_matches_one_process_and_leaves_no_process(model: str) -> None:
-    # (one process holds one tensor-parallel group: the single-process references come first)
-    expected, single = _greedy(model)
-    seeded = SamplingParams(temperature=1.0, max_tokens=8, seed=11)
-    expected_seeded = [o.token_ids for o in single.generate(PROMPTS, seeded, use_tqdm=False)]
-    got, llm = _greedy(model, tensor_parallel_size=2, max_num_batched_tokens=16, async_scheduling=True)
+def run(llm: LLM, params: SamplingParams) -> list[Any]:
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    return [(o.token_ids, o.outputs[0].logprobs, o.prompt_logprobs) for o in outs]
+
+
+def assert_close(got: Any, expected: Any) -> None:
+    """Tokens equal; logprobs equal up to float32 reduction order (the shards sum in another order)."""
+    for (tokens, logprobs, prompt), (tokens_e, logprobs_e, prompt_e) in zip(got, expected, strict=True):
+        assert tokens == tokens_e
+        for entries, entries_e in ((logprobs or [], logprobs_e or []), (prompt or [], prompt_e or [])):
+            assert len(entries) == len(entries_e)
+            for entry, entry_e in zip(entries, entries_e):
+                if entry_e is None:
+                    assert entry is None
+                    continue
+                assert list(entry) == list(entry_e)
+                assert list(entry.values()) == pytest.approx(list(entry_e.values()), abs=1e-4)
+
+
+def gone(pids: list[int], within_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# ---- checkpoints and single-process references -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def kv1_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    # 1 KV head for 2 ranks (replicated), tied embeddings (the last stage holds the embedding as its LM head),
+    # 3 layers over 2 stages (an uneven split)
+    return build_checkpoint(tmp_path_factory.mktemp("kv1"), "Qwen3ForCausalLM", num_key_value_heads=1,
+                            tie_word_embeddings=True, num_hidden_layers=3)
+
+
+_REFERENCES: dict[str, Any] = {}
+
+
+def reference(path: str, params: SamplingParams) -> Any:
+    key = f"{path}:{params.temperature}"
+    if key not in _REFERENCES:
+        _REFERENCES[key] = run(make_llm(path), params)
+    return _REFERENCES[key]
+
+
+@pytest.fixture(params=["dense-gqa", "kv-heads-below-tp", "moe"])
+def model(request: pytest.FixtureRequest) -> str:
+    fixture = {"dense-gqa": "qwen3_dir", "kv-heads-below-tp": "kv1_dir", "moe": "qwen3_moe_dir"}[request.param]
+    return request.getfixturevalue(fixture)
+
+
+# ---- correctness -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_same_tokens_as_one_process(model: str, layout: str) -> None:
+    tp, pp = LAYOUTS[layout]
+    expected_greedy, expected_seeded = reference(model, GREEDY), reference(model, SEEDED)
+    llm = make_llm(model, tp, pp, async_scheduling=True)  # overlap: next inputs read the last samples on device
+    pids = llm.engine.core.executor.worker_pids
     try:
-        assert got == expected
-        # seeded sampling agrees too: every rank samples, and a disagreement would corrupt the next inputs
-        assert [o.token_ids for o in llm.generate(PROMPTS, seeded, use_tqdm=False)] == expected_seeded
+        assert len(pids) == tp * pp - 1
+        assert_close(run(llm, GREEDY), expected_greedy)
+        assert_close(run(llm, SEEDED), expected_seeded)
     finally:
         llm.shutdown()
-    assert not mp.active_children()
+    assert gone(pids)
 
 
-def test_bad_tensor_parallel_size_is_a_clear_error(tmp_path) -> None:
-    path = build_checkpoint(tmp_path / "m", "Qwen3ForCausalLM", num_attention_heads=4, num_key_value_heads=2)
-    with pytest.raises((ValueError, RuntimeError), match="divisible"):
-        LLM(path, device="cpu", dtype="float32", tensor_parallel_size=3)
-    assert not mp.active_children()
+def test_layer_split() -> None:
+    assert [stage_layer_range(3, 2, s) for s in range(2)] == [(0, 2), (2, 3)]
+    assert [stage_layer_range(28, 3, s) for s in range(3)] == [(0, 10), (10, 19), (19, 28)]
 
 
-def test_killed_worker_raises_promptly(tmp_path) -> None:
-    path = build_checkpoint(tmp_path / "m", "Qwen3ForCausalLM")
-    llm = LLM(path, device="cpu", dtype="float32", tensor_parallel_size=2)
+def test_sizes_that_do_not_fit_are_clear_errors(qwen3_dir: str) -> None:
+    config = tiny_config_dict("Qwen3ForCausalLM", num_attention_heads=8, num_key_value_heads=2)
+    hf = type("Config", (), config)
+    check_parallel_sizes(hf, 4, 1)  # 2 KV heads, 4 ranks: each KV head on two ranks
+    with pytest.raises(ValueError, match=r"num_attention_heads \(8\).*sizes that work for this model: \[1, 2, 4, 8\]"):
+        check_parallel_sizes(hf, 3, 1)
+    hf.num_key_value_heads = 3
+    hf.num_attention_heads = 6
+    with pytest.raises(ValueError, match=r"num_key_value_heads \(3\) must be divisible by it or divide it"):
+        check_parallel_sizes(hf, 2, 1)
+    with pytest.raises(ValueError, match="more than the model's 2 layers"):
+        check_parallel_sizes(hf, 1, 3)
+    before = psutil.Process().children(recursive=True)
+    with pytest.raises(ValueError, match="sizes that work"):  # before any worker starts
+        make_llm(qwen3_dir, tp=3)
+    assert psutil.Process().children(recursive=True) == before
+
+
+def test_a_tp_rank_reads_only_its_shard(qwen3_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors.torch import load_file
+
+    from nanovllm.checkpoint_slice import CheckpointSlice
+    from nanovllm.distributed.parallel_state import set_tp_group
+    from nanovllm.loader import load_hf_config, load_weights, safetensors_files
+    from nanovllm.models.registry import get_model_class
+
+    full_reads: list[tuple[int, ...]] = []
+    materialize = CheckpointSlice.materialize
+
+    def spy(self: CheckpointSlice) -> Any:
+        full_reads.append(tuple(self.shape))
+        return materialize(self)
+
+    monkeypatch.setattr(CheckpointSlice, "materialize", spy)
+    hf_config = load_hf_config(qwen3_dir)
+    set_tp_group(None, 1, 2)  # build and load as rank 1 of 2 (loading needs no communication)
     try:
-        worker = llm.engine.core.executor.workers[0]
-        os.kill(worker.pid, signal.SIGKILL)
-        worker.join(timeout=10)
+        model = get_model_class(hf_config)(hf_config)
+        load_weights(model, qwen3_dir)
+    finally:
+        set_tp_group(None, 0, 1)
+    assert full_reads and all(len(shape) == 1 for shape in full_reads)  # only norms (replicated) in full
+    checkpoint = load_file(safetensors_files(qwen3_dir)[0])
+    down = checkpoint["model.layers.0.mlp.down_proj.weight"]  # [hidden, intermediate]: rank 1 has the 2nd half
+    half = down.shape[1] // 2
+    assert model.model.layers[0].mlp.down_proj.weight.equal(down[:, half:])
+
+
+# ---- failure and shutdown ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_killed_worker_raises_promptly(qwen3_dir: str, layout: str) -> None:
+    llm = make_llm(qwen3_dir, *LAYOUTS[layout])
+    pids = llm.engine.core.executor.worker_pids
+    try:
+        many = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+        llm.engine.add_request("long", list(range(5, 40)), many)
+        for _ in range(3):  # mid-run: requests in flight
+            llm.engine.step()
+        os.kill(pids[0], signal.SIGKILL)
         start = time.monotonic()
-        with pytest.raises(RuntimeError, match="died"):
-            llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+        with pytest.raises(RuntimeError, match=r"rank 1 died \(exit code -9\)"):
+            for _ in range(1000):
+                llm.engine.step()
         assert time.monotonic() - start < 10
+        with pytest.raises(RuntimeError, match="shut down"):  # and it stays failed
+            llm.generate([[1, 2]], GREEDY, use_tqdm=False)
     finally:
         llm.shutdown()
-    assert not mp.active_children()
+    assert gone(pids)
+
+
+def test_hung_worker_times_out(qwen3_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nanovllm.distributed import groups
+
+    monkeypatch.setattr(groups, "COLLECTIVE_TIMEOUT_S", 3.0)
+    llm = make_llm(qwen3_dir, tp=2)
+    pids = llm.engine.core.executor.worker_pids
+    try:
+        os.kill(pids[0], signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="hung"):
+            llm.generate([[1, 2]], GREEDY, use_tqdm=False)
+        assert time.monotonic() - start < 15
+    finally:
+        llm.shutdown()
+    assert gone(pids)
+
+
+def test_idle_longer_than_the_timeout(qwen3_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers wait for the next step without a deadline: a server may be idle for hours."""
+    from nanovllm.distributed import groups
+
+    monkeypatch.setenv("NANOVLLM_DIST_TIMEOUT_S", "2")  # read by the spawned workers
+    monkeypatch.setattr(groups, "COLLECTIVE_TIMEOUT_S", 2.0)
+    llm = make_llm(qwen3_dir, pp=2)
+    try:
+        time.sleep(3)
+        assert run(llm, GREEDY) == reference(qwen3_dir, GREEDY)
+    finally:
+        llm.shutdown()
+
+
+def test_garbage_collection_stops_workers(qwen3_dir: str) -> None:
+    llm = make_llm(qwen3_dir, tp=2)
+    pids = llm.engine.core.executor.worker_pids
+    del llm
+    gc.collect()
+    assert gone(pids)
+    llm = make_llm(qwen3_dir, tp=2)  # the process can hold a parallel engine again
+    llm.shutdown()
+
+
+_DRIVER = textwrap.dedent("""
+    import sys, time
+    from nanovllm import LLM
+    llm = LLM(sys.argv[1], device="cpu", dtype="float32", tensor_parallel_size=2, cpu_kv_cache_gib=0.01)
+    print(*llm.engine.core.executor.worker_pids, flush=True)
+    time.sleep(60)
+""")
+
+
+def test_workers_die_with_a_killed_driver(qwen3_dir: str) -> None:
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, qwen3_dir], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in driver.stdout.readline().split()]
+        assert len(pids) == 1 and psutil.pid_exists(pids[0])
+    finally:
+        driver.kill()
+        driver.wait(timeout=10)
+    assert gone(pids)
+
+
+# ---- torchrun-style launch ---------------------------------------------------------------------------------------
+
+_RANK0 = textwrap.dedent("""
+    import json, sys
+    from nanovllm import LLM, SamplingParams
+    llm = LLM(sys.argv[1], device="cpu", dtype="float32", tensor_parallel_size=2, pipeline_parallel_size=2,
+              cpu_kv_cache_gib=0.01, max_num_batched_tokens=16)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = json.loads(sys.argv[2])
+    print(json.dumps([o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]), flush=True)
+    llm.shutdown()
+""")
+
+
+def test_launch_from_environment_variables(qwen3_dir: str, unused_tcp_port: int) -> None:
+    """Rank 0 builds the engine; the other ranks run ``python -m nanovllm.executor.worker`` (here on one host)."""
+    import json
+
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(unused_tcp_port), WORLD_SIZE="4",
+               NANOVLLM_DIST_TIMEOUT_S="60")
+    workers = [subprocess.Popen([sys.executable, "-m", "nanovllm.executor.worker"],
+                                env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stderr=subprocess.DEVNULL)
+               for r in (1, 2, 3)]
+    try:
+        out = subprocess.run([sys.executable, "-c", _RANK0, qwen3_dir, json.dumps(PROMPTS)],
+                             env=dict(env, RANK="0", LOCAL_RANK="0"), capture_output=True, text=True, timeout=90, check=False)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert json.loads(out.stdout.strip().splitlines()[-1]) == [t for t, _, _ in reference(qwen3_dir, GREEDY)]
+        for worker in workers:
+            assert worker.wait(timeout=20) == 0  # the driver's shutdown ends them
+    finally:
+        for worker in workers:
+            worker.kill()
+
+
+@pytest.fixture
+def unused_tcp_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -52,16 +52,14 @@ def load_generation_config(model_path: str) -> Any:
 
 
 def make_executor(config: EngineConfig, model_path: str) -> Any:
-    from nanovllm.distributed import get_tp_size
+    from nanovllm.distributed.groups import get_parallel_groups
 
-    if config.pipeline_parallel_size > 1:
-        raise ValueError("pipeline_parallel_size > 1 is not supported yet; use tensor_parallel_size")
-    if get_tp_size() > 1:  # layers read the process's one tensor-parallel group: a second engine would share it
-        raise RuntimeError("this process already runs a tensor-parallel engine; call its shutdown() first")
-    if config.tensor_parallel_size > 1:
-        from nanovllm.executor.tp_executor import TensorParallelExecutor
+    if get_parallel_groups() is not None:  # layers read the process's one tensor-parallel group
+        raise RuntimeError("this process already runs a parallel engine; call its shutdown() first")
+    if config.tensor_parallel_size * config.pipeline_parallel_size > 1:
+        from nanovllm.executor.parallel_executor import ParallelExecutor
 
-        return TensorParallelExecutor(config, model_path)
+        return ParallelExecutor(config, model_path)
     from nanovllm.executor.model_runner import ModelRunner
 
     return ModelRunner(config, model_path)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from nanovllm.config import EngineConfig
-from nanovllm.distributed.parallel_state import agree_on_minimum
+from nanovllm.distributed.groups import agree_on_kv_pages
 from nanovllm.engine.scheduler import ModelOutput, SchedulerOutput
 from nanovllm.executor.cuda_graph import CUDAGraphRunner
 from nanovllm.executor.input_batch import ForwardBatch, HostBatch, build_host_batch, host_to_device, to_forward_batch
@@ -60,7 +60,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
 
-        model_class = get_model_class(hf_config)
+        model_class = self.model_class(hf_config)
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
@@ -98,6 +98,10 @@ class ModelRunner:
             self.block_size, pool_tokens, pool_tokens / config.max_model_len, config.max_model_len,
         )
 
+    def model_class(self, hf_config: Any) -> type:
+        """The class to build (a pipeline stage narrows it to its layers)."""
+        return get_model_class(hf_config)
+
     # ---- the KV pool ------------------------------------------------------------------------------------------
 
     def page_bytes(self) -> int:
@@ -113,7 +117,8 @@ class ModelRunner:
             budget = int(self.config.cpu_kv_cache_gib * (1 << 30))
         else:
             budget = self._free_gpu_memory_for_kv()
-        num_pages = agree_on_minimum(min(budget // self.page_bytes(), max_useful))
+        # with several ranks, all use the smallest pool (one page table serves them all)
+        num_pages = agree_on_kv_pages(min(budget // self.page_bytes(), max_useful), budget)
         if num_pages <= 0:
             raise ValueError(
                 "no memory is left for the KV cache; raise gpu_memory_utilization or use a smaller model"

@@ -1,0 +1,128 @@
+"""A worker rank: joins the driver's group, builds its shard of the model, then runs every step the driver sends.
+
+Started two ways:
+
+- spawned by ``ParallelExecutor`` on the driver's host (``run_worker`` is the process target);
+- by hand or by torchrun on any host, with ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE`` and
+  ``LOCAL_RANK`` set: ``python -m nanovllm.executor.worker``. The engine config comes from rank 0, so a worker
+  needs no arguments. Given arguments, rank 0 runs them as a ``nanovllm`` command instead, so one command line
+  serves every rank: ``torchrun ... -m nanovllm.executor.worker serve MODEL -tp 4 -pp 2``.
+
+A worker does no scheduling and sees no Request objects: each step it receives the step's host arrays, runs its
+stage's forward (sampling too, where it holds the LM head) and waits for the next. ``None`` ends the loop.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+from nanovllm.config import EngineConfig
+from nanovllm.distributed.groups import (
+    broadcast_from_driver,
+    destroy_parallel,
+    init_parallel,
+    join_store,
+    read_config,
+    torchrun_env,
+)
+
+logger = logging.getLogger("nanovllm.executor.worker")  # not "__main__" under python -m
+
+JOINED_KEY = "nanovllm/joined/{rank}"  # set by a worker once it reached the store (the driver watches for it)
+
+
+def uses_cuda(config: EngineConfig) -> bool:
+    return config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+
+
+def cpu_threads_per_rank(world_size: int) -> int:
+    """CPU ranks on one host share its cores; more threads than cores makes every rank slower."""
+    return max(1, (os.cpu_count() or 1) // world_size)
+
+
+def make_runner(config: EngineConfig, model_path: str) -> Any:
+    if config.pipeline_parallel_size > 1:
+        from nanovllm.executor.pipeline import PipelineStageRunner
+
+        return PipelineStageRunner(config, model_path)
+    from nanovllm.executor.model_runner import ModelRunner
+
+    return ModelRunner(config, model_path)
+
+
+def run_worker(rank: int, local_rank: int, master_addr: str, master_port: int, world_size: int,
+               errors: Connection | None = None, log_level: int = logging.WARNING) -> None:
+    """The whole life of a worker rank. ``errors``: where a spawned worker reports why it failed."""
+    if errors is not None:  # spawned: go when the driver goes, even if it is killed
+        logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
+        _die_with_parent()
+    try:
+        store = join_store(master_addr, master_port, world_size)
+        store.set(JOINED_KEY.format(rank=rank), "1")
+        config, model_path = read_config(store)
+        use_cuda = uses_cuda(config)
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        elif errors is not None:
+            torch.set_num_threads(cpu_threads_per_rank(world_size))
+        if not os.path.isdir(model_path):  # another host: its own copy of the checkpoint or hub cache
+            from nanovllm.loader import resolve_model_path
+
+            model_path = resolve_model_path(config.model, config.revision, weights=config.load_format != "dummy")
+        init_parallel(store, rank, config.tensor_parallel_size, config.pipeline_parallel_size, local_rank, use_cuda)
+        runner = make_runner(config, model_path)
+        logger.info("rank %d is ready", rank)
+        while True:
+            host = broadcast_from_driver(None)
+            if host is None:  # the driver shuts down
+                break
+            runner.launch_host(host, None)
+    except Exception as exc:  # the driver sees the lost connection; this says why
+        logger.error("rank %d failed: %r", rank, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
+        if errors is not None:
+            try:
+                errors.send(f"{type(exc).__name__}: {exc}")
+            except OSError:
+                pass
+        sys.exit(1)
+    finally:
+        destroy_parallel()
+    logger.info("rank %d stopped", rank)
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this process when its parent dies, however the parent died."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # elsewhere the closed connection to the driver ends the worker at its next step
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    env = torchrun_env()
+    if env is None:
+        raise SystemExit("set MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE (> 1) and LOCAL_RANK, as torchrun does")
+    if env.rank == 0:
+        if not argv:
+            raise SystemExit("rank 0 runs the engine: give it a nanovllm command (e.g. `serve MODEL -tp 2`), "
+                             "or run that command directly")
+        from nanovllm.entrypoints.cli import main as cli_main
+
+        cli_main(argv)
+        return
+    logging.basicConfig(level=os.environ.get("NANOVLLM_LOG_LEVEL", "INFO"),
+                        format=f"%(asctime)s %(levelname)s [rank {env.rank}] %(name)s: %(message)s")
+    run_worker(env.rank, env.local_rank, env.master_addr, env.master_port, env.world_size)
+
+
+if __name__ == "__main__":
+    main()
