@@ -37,7 +37,9 @@ class HostStager:
         for name, array in arrays.items():
             array = np.ascontiguousarray(array)
             layout.append((name, total, array))
-            total += -(-array.nbytes // 8) * 8  # 8-byte aligned, so every dtype view is legal
+            # 16-byte aligned: Triton specialises kernels on whether a pointer is, so an alignment that varied
+            # from step to step would compile a new variant of a kernel mid-run (about a second each)
+            total += -(-array.nbytes // 16) * 16
         host, device = self.slots[self.next_slot]
         if total > host.numel():  # rare: a larger batch than seen so far
             host, device = self._allocate(2 * total)

@@ -67,7 +67,9 @@ def pick_config(num_tokens: int, num_experts: int, top_k: int) -> MoEConfig:
 # alignment
 
 
-@triton.jit
+# The token counts (num_pairs, num_chunks, num_blocks_m) change from step to step: not specialised on, so a new
+# batch size never compiles a new variant mid-run.
+@triton.jit(do_not_specialize=["num_pairs"])
 def _chunk_count_kernel(ids_ptr, counts_ptr, num_pairs, E: tl.constexpr, E_PAD: tl.constexpr,
                         CHUNK: tl.constexpr):
     c = tl.program_id(0)
@@ -79,7 +81,7 @@ def _chunk_count_kernel(ids_ptr, counts_ptr, num_pairs, E: tl.constexpr, E_PAD: 
     tl.store(counts_ptr + c * E + e, hist, mask=e < E)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_chunks", "num_pairs"])
 def _chunk_offsets_kernel(counts_ptr, delta_ptr, seg_end_ptr, sorted_ids_ptr, num_chunks, num_pairs,
                           E: tl.constexpr, E_PAD: tl.constexpr, CHUNKS_PAD: tl.constexpr,
                           BLOCK_M: tl.constexpr):
@@ -111,7 +113,7 @@ def _chunk_offsets_kernel(counts_ptr, delta_ptr, seg_end_ptr, sorted_ids_ptr, nu
              mask=pad_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _chunk_scatter_kernel(ids_ptr, delta_ptr, sorted_ids_ptr, num_pairs,
                           E: tl.constexpr, CHUNK: tl.constexpr):
     c = tl.program_id(0)
@@ -181,7 +183,7 @@ def _dot(a, b, acc, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_blocks_m"])
 def _moe_gemm_kernel(
     a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, seg_end_ptr,
     num_pairs, num_blocks_m, E, TOP_K,

@@ -49,7 +49,9 @@ def _attend_tile(
     return m_new, l_i, acc
 
 
-@triton.jit
+# Triton specialises integer arguments on == 1 and divisibility by 16; these change from step to step, and a
+# new specialisation is a compile of about a second in the middle of serving
+@triton.jit(do_not_specialize=["num_seqs", "stride_btb"])
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
     num_seqs, qk_scale,
@@ -66,7 +68,7 @@ def _paged_prefill_kernel(
 
     # last request whose first program id is <= pid
     lo = tl.full([], 0, tl.int32)
-    hi = lo + (num_seqs - 1)  # num_seqs may arrive as a constexpr 1
+    hi = lo + (num_seqs - 1)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         take = tl.load(qsl_ptr + mid) // BLOCK_Q + mid <= pid
