@@ -24,6 +24,7 @@ import torch
 from nanovllm import LLM, SamplingParams
 from nanovllm.benchmarks.peer_hf import run_hf_continuous_batching
 from nanovllm.benchmarks.roofline import DeviceCeilings, measure_ceilings, throughput_floor
+from nanovllm.benchmarks.step_trace import JitWatch, StepRecorder, format_summary, summarise
 from nanovllm.testing import PRESETS, write_config_only
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--attention-backend", default="auto")
-    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--compare-hf", action="store_true",
@@ -69,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the timed generate under the torch profiler; print the top ops, write a trace to DIR "
                              "(use a short workload, e.g. --input-len 512 --output-len 32)")
     parser.add_argument("--output-json", default=None, help="write the figures to this file")
+    parser.add_argument("--step-log", default=None, metavar="FILE",
+                        help="write every step's wall and host time and batch to this JSON file")
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -89,6 +93,7 @@ def main(args: argparse.Namespace) -> dict:
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
         enable_prefix_caching=not args.no_prefix_caching, tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
     )
     if args.max_num_batched_tokens:
         engine_args["max_num_batched_tokens"] = args.max_num_batched_tokens
@@ -100,11 +105,17 @@ def main(args: argparse.Namespace) -> dict:
 
     llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=16), use_tqdm=False)  # warm-up
     stats_before = llm.stats()
+    recorder, jit = StepRecorder(llm.engine.core), JitWatch()
+    jit.start()
     with _maybe_profile(args.profile, device):
         start = time.perf_counter()
         outputs = llm.generate(workload.prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - start
+    jit.stop()
+    recorder.detach()
     stats_after = llm.stats()
+    if args.step_log:
+        recorder.save(args.step_log)
 
     prompt_tokens = sum(len(p) for p in workload.prompts)
     output_tokens = sum(len(o.token_ids) for o in outputs)  # counted, not assumed from max_tokens
@@ -123,6 +134,8 @@ def main(args: argparse.Namespace) -> dict:
         "mean_step_ms": 1e3 * elapsed / max(steps, 1),
         "mean_host_ms_per_step": 1e3 * host_time / max(steps, 1),
         "preemptions": stats_after["num_preemptions"] - stats_before["num_preemptions"],
+        "steps_by_kind": summarise(recorder.records),
+        "compiles_during_run": jit.describe(),
     }
     if device == "cuda":
         ceilings: DeviceCeilings = measure_ceilings()
@@ -174,6 +187,8 @@ def _print(result: dict) -> None:
         f"elapsed           {result['elapsed_s']:.2f} s over {result['steps']} steps "
         f"({result['mean_step_ms']:.2f} ms/step, host {result['mean_host_ms_per_step']:.2f} ms/step)",
         f"throughput        {result['output_tok_per_s']:,.0f} output tok/s, {result['total_tok_per_s']:,.0f} total tok/s",
+        f"compiled in run   {result['compiles_during_run']}",
+        format_summary(result["steps_by_kind"]),
     ]
     if "floor_s" in result:
         lines += [

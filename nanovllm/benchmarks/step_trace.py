@@ -1,0 +1,128 @@
+"""Where a benchmark's time goes, step by step, without a profiler's overhead.
+
+``StepRecorder`` wraps one engine core's ``schedule`` and ``step`` and keeps, per step, the wall time, the host's
+share of it (the rest is waiting on the device), and what was scheduled. ``summarise`` groups the steps by kind
+(steps with prefill, and decode-only steps by batch size), which shows whether the device or the host sets the
+pace where. ``JitWatch`` counts kernel compilations (Triton, and TorchDynamo recompiles) during the timed run:
+each costs up to a second of host time, and none should happen once the engine is warm.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any
+
+_DECODE_BUCKETS = ((1, 16), (17, 64), (65, 128), (129, 256), (257, 1 << 30))
+
+
+@dataclass
+class StepRecord:
+    wall_ms: float
+    host_ms: float  # wall minus the time spent waiting for the device
+    num_decodes: int
+    num_prefill_tokens: int
+
+
+class StepRecorder:
+    def __init__(self, core: Any) -> None:
+        self.core = core
+        self.records: list[StepRecord] = []
+        self._scheduled: Any = None
+        self._schedule, self._step = core.scheduler.schedule, core.step
+        core.scheduler.schedule, core.step = self._recording_schedule, self._recording_step
+
+    def _recording_schedule(self) -> Any:
+        self._scheduled = self._schedule()
+        return self._scheduled
+
+    def _recording_step(self) -> Any:
+        stats = self.core.stats
+        wall, host = stats.step_time_s, stats.host_time_s
+        result = self._step()
+        chunks = self._scheduled.chunks if self._scheduled is not None else []
+        decodes = sum(1 for c in chunks if c.start >= c.request.num_prompt_tokens)
+        prefill = sum(c.num_tokens for c in chunks if c.start < c.request.num_prompt_tokens)
+        self.records.append(StepRecord(1e3 * (stats.step_time_s - wall), 1e3 * (stats.host_time_s - host),
+                                       decodes, prefill))
+        return result
+
+    def detach(self) -> None:
+        self.core.scheduler.schedule, self.core.step = self._schedule, self._step
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump([asdict(r) for r in self.records], f)
+
+
+def summarise(records: list[StepRecord]) -> list[dict[str, Any]]:
+    """One row per kind of step: how many, their total and mean wall time, and the host's mean share."""
+    groups: dict[str, list[StepRecord]] = {}
+    for r in records:
+        if r.num_prefill_tokens:
+            key = "with prefill"
+        else:
+            low, high = next(b for b in _DECODE_BUCKETS if b[0] <= max(r.num_decodes, 1) <= b[1])
+            key = f"decode {low}-{high}" if high < (1 << 30) else f"decode {low}+"
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for key, group in groups.items():
+        wall = sum(r.wall_ms for r in group)
+        rows.append(dict(kind=key, steps=len(group), total_s=wall / 1e3, mean_ms=wall / len(group),
+                         mean_host_ms=sum(r.host_ms for r in group) / len(group),
+                         max_ms=max(r.wall_ms for r in group)))
+    return rows
+
+
+def format_summary(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'steps':>16} {'count':>6} {'total s':>8} {'mean ms':>8} {'host ms':>8} {'max ms':>8}"]
+    for row in rows:
+        lines.append(f"{row['kind']:>16} {row['steps']:>6} {row['total_s']:>8.2f} {row['mean_ms']:>8.2f} "
+                     f"{row['mean_host_ms']:>8.2f} {row['max_ms']:>8.1f}")
+    return "\n".join(lines)
+
+
+class JitWatch:
+    """Counts Triton kernel compilations and TorchDynamo recompiles between ``start`` and ``stop``."""
+
+    def __init__(self) -> None:
+        self.triton: Counter[str] = Counter()
+        self._previous_hook: Any = None
+        self._dynamo_before = 0
+        self.dynamo_recompiles = 0
+
+    @staticmethod
+    def _dynamo_count() -> int:
+        try:
+            from torch._dynamo.utils import counters
+        except ImportError:
+            return 0
+        return sum(counters["recompiles"].values()) + sum(counters["frames"].values())
+
+    def start(self) -> None:
+        try:
+            from triton import knobs
+        except ImportError:
+            knobs = None
+        if knobs is not None:
+            self._previous_hook = knobs.runtime.jit_post_compile_hook
+
+            def hook(*args: Any, fn: Any = None, **kwargs: Any) -> None:
+                self.triton[getattr(fn, "name", "?")] += 1
+                if self._previous_hook is not None:
+                    self._previous_hook(*args, fn=fn, **kwargs)
+
+            knobs.runtime.jit_post_compile_hook = hook
+        self._dynamo_before = self._dynamo_count()
+
+    def stop(self) -> None:
+        self.dynamo_recompiles = self._dynamo_count() - self._dynamo_before
+        try:
+            from triton import knobs
+        except ImportError:
+            return
+        knobs.runtime.jit_post_compile_hook = self._previous_hook
+
+    def describe(self) -> str:
+        triton = ", ".join(f"{name} x{n}" for name, n in self.triton.most_common()) or "none"
+        return f"Triton compiles {triton}; TorchDynamo frames compiled {self.dynamo_recompiles}"
