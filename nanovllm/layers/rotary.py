@@ -44,17 +44,32 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         base = float(params["rope_theta"])
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        # computed on the CPU whatever the model's device, so every device gets the same table bit for bit
+        device = torch.empty(0).device
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
         rope_type = params["rope_type"]
         if rope_type == "llama3":
             inv_freq = _llama3_inv_freq(inv_freq, params)
         elif rope_type != "default":
             raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, llama3)")
-        positions = torch.arange(max_position, dtype=torch.float32)
+        positions = torch.arange(max_position, dtype=torch.float32, device="cpu")
         freqs = torch.outer(positions, inv_freq)
-        # [max_position, head_dim]: cos of both halves, then sin of both halves
-        self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
+        # [max_position, head_dim]: cos of each frequency, then sin of each
+        cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+        self.register_buffer("cos_sin_cache", cos_sin.to(device), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``q``/``k``: ``[num_tokens, num_heads, head_dim]``."""
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, norms: tuple[Any, Any] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate ``q``/``k`` (``[num_tokens, num_heads, head_dim]``), first normalising each head with ``norms``
+        (QK-norm: two ``RMSNorm`` of ``head_dim``) if given. On CUDA both happen in place in one kernel."""
+        if q.is_cuda:
+            from nanovllm.kernels.norm_rope import norm_rope_
+
+            if norms is None:
+                return norm_rope_(positions, q, k, self.cos_sin_cache)
+            q_norm, k_norm = norms
+            return norm_rope_(positions, q, k, self.cos_sin_cache, q_norm.weight, k_norm.weight, q_norm.eps)
+        if norms is not None:
+            q, k = norms[0](q), norms[1](k)
         return apply_rotary(positions, q, k, self.cos_sin_cache)
