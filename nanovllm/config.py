@@ -20,7 +20,9 @@ class EngineConfig:
     seed: int = 0
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192  # token budget of one step
+    # token budget of one step; the original nano-vllm's default. Each step has a fixed host cost per layer, so
+    # larger prefill steps cost less host time per token; a smaller budget shortens the decode stalls they cause
+    max_num_batched_tokens: int = 16384
     block_size: int = 16  # tokens per KV page
     num_kv_blocks: int | None = None  # None: sized from free memory
     gpu_memory_utilization: float = 0.9
