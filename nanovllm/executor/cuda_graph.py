@@ -6,6 +6,7 @@ up to the bucket (padding rows write no KV and read one token of page 0), and re
 """
 from __future__ import annotations
 
+import gc
 import logging
 from typing import TYPE_CHECKING
 
@@ -61,6 +62,17 @@ class CUDAGraphRunner:
 
     @torch.inference_mode()
     def capture(self) -> None:
+        # A garbage collection during capture could free an older engine's graphs, and destroying a graph while
+        # another is being captured is an illegal CUDA call that can spoil the capture: collect first, then hold.
+        gc.collect()
+        gc.disable()
+        try:
+            self._capture_all()
+        finally:
+            gc.enable()
+        logger.info("captured CUDA graphs for decode batch sizes %s", self.buckets)
+
+    def _capture_all(self) -> None:
         pool = None
         for batch_size in reversed(self.buckets):  # largest first, so smaller graphs fit in its memory pool
             meta = self._meta(batch_size)
@@ -73,7 +85,6 @@ class CUDAGraphRunner:
             pool = graph.pool() if pool is None else pool
             self.graphs[batch_size] = graph
         torch.cuda.synchronize()
-        logger.info("captured CUDA graphs for decode batch sizes %s", self.buckets)
 
     def can_run(self, batch: ForwardBatch) -> bool:
         meta = batch.meta
