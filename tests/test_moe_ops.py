@@ -124,3 +124,21 @@ def test_reference_empty_batch():
     hidden, w13, w2, _ = random_moe(0, 4, 8, 4)
     out = moe_reference(hidden, w13, w2, torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.int32))
     assert out.shape == (0, 8)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 16, 256, 1024, 8192])
+def test_moe_tiles_fit_shared_memory_in_every_dtype(num_tokens):
+    """The tiles were tuned for bf16; fp32 needs twice the room, and on the GPU an oversized tile fails to launch."""
+    pytest.importorskip("triton")
+    from nanovllm.kernels.fused_moe import fit_shared_memory, pick_config
+
+    hopper = 227 * 1024
+    tuned = pick_config(num_tokens, 128, 8)
+    assert fit_shared_memory(tuned, 2, hopper) == tuned  # bf16 keeps the measured tiles
+    for element_size in (2, 4):
+        cfg = fit_shared_memory(tuned, element_size, hopper)
+        staged = (cfg.block_m * cfg.block_k + 2 * cfg.block_k * cfg.block_n) * element_size * cfg.num_stages
+        assert staged <= hopper and cfg.num_stages >= 2 and cfg.block_k >= 16
+    # a smaller device (A100: 163 KiB) shrinks even bf16 tiles
+    small = fit_shared_memory(tuned, 2, 163 * 1024)
+    assert (small.block_m * small.block_k + 2 * small.block_k * small.block_n) * 2 * small.num_stages <= 163 * 1024

@@ -22,6 +22,8 @@ Same contract as ``nanovllm.layers.moe_ops.moe_reference`` (its torch reference 
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +63,28 @@ def pick_config(num_tokens: int, num_experts: int, top_k: int) -> MoEConfig:
     if rows_per_expert <= 128:
         return MoEConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3)
     return MoEConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_per_block(device: torch.device) -> int:
+    """Bytes of shared memory one program may use (Hopper: 227 KiB)."""
+    if device.type != "cuda":
+        return 227 * 1024  # the interpreter has no limit; keep the GPU's tiles
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 227 * 1024)
+
+
+def fit_shared_memory(cfg: MoEConfig, element_size: int, budget: int) -> MoEConfig:
+    """Shrink the pipeline (then the K tile) until the staged tiles fit in ``budget`` bytes. The tiles above were
+    tuned for bf16; fp32 weights take twice the room. Counted for the gated GEMM, whose B tile holds gate and up
+    (this count is what Triton asks for)."""
+    def tile_bytes(c: MoEConfig) -> int:
+        return (c.block_m * c.block_k + 2 * c.block_k * c.block_n) * element_size * c.num_stages
+
+    while tile_bytes(cfg) > budget and cfg.num_stages > 2:
+        cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+    while tile_bytes(cfg) > budget and cfg.block_k > 16:
+        cfg = dataclasses.replace(cfg, block_k=cfg.block_k // 2)
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,7 +337,8 @@ def fused_moe(
     assert topk_weights.shape == topk_ids.shape == (num_tokens, top_k)
     if num_tokens == 0:
         return hidden.new_empty(0, hidden_size)
-    cfg = config or pick_config(num_tokens, num_experts, top_k)
+    cfg = config or fit_shared_memory(pick_config(num_tokens, num_experts, top_k), w13.element_size(),
+                                      shared_memory_per_block(hidden.device))
     align = moe_align(topk_ids, num_experts, cfg.block_m)
     weights = topk_weights.reshape(-1).float().contiguous()
     num_pairs = weights.numel()
