@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.testing import build_checkpoint
+from nanovllm.testing import ARCHITECTURES, build_checkpoint
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,8 +31,8 @@ def _prompts() -> list[list[int]]:
     return prompts + [shared + [rng.randint(3, 470) for _ in range(n)] for n in (3, 30)] + [shared]
 
 
-def _generate(model: str, **engine_args) -> list[list[int]]:
-    llm = LLM(model, device="cuda", max_model_len=512, **engine_args)
+def _generate(model: str, device: str = "cuda", **engine_args) -> list[list[int]]:
+    llm = LLM(model, device=device, max_model_len=512, **engine_args)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     first = [o.token_ids for o in llm.generate(_prompts(), params, use_tqdm=False)]
     second = [o.token_ids for o in llm.generate(_prompts(), params, use_tqdm=False)]  # prefix-cache hits
@@ -49,6 +49,20 @@ def test_fp32_triton_graphs_overlap_match_torch_backend(gpu_model_dir: str) -> N
     chunked = _generate(gpu_model_dir, dtype="float32", attention_backend="triton", max_num_batched_tokens=24,
                         block_size=32)
     assert chunked == reference
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_family_on_the_fast_path_matches_the_cpu_engine(arch: str, tmp_path) -> None:
+    """Each model family (Llama with llama3 scaling; both MoE families through the fused MoE kernel; QK-norm and
+    rotary through their fused kernel) on the GPU path, against the plain torch path on the CPU, in float32."""
+    extra = {"rope_scaling": "llama3"} if arch == "LlamaForCausalLM" else {}
+    model = build_checkpoint(
+        tmp_path / arch, arch, hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, **({} if "Qwen2" in arch else {"head_dim": 64}), **extra,
+    )
+    reference = _generate(model, device="cpu", dtype="float32")
+    assert _generate(model, dtype="float32") == reference
+    assert _generate(model, dtype="float32", max_num_batched_tokens=24, block_size=32) == reference
 
 
 def _prompt_logprobs(model: str, dtype: str, backend: str) -> torch.Tensor:
