@@ -150,10 +150,22 @@ def init_parallel(store: dist.TCPStore, rank: int, tp_size: int, pp_size: int, l
 
 def destroy_parallel() -> None:
     global _GROUPS
+    backend = _GROUPS.backend if _GROUPS is not None else None
     _GROUPS = None
     set_tp_group(None, 0, 1)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    if backend == "nccl":
+        # destroying NCCL communicators waits on the peers, which may have gone already: on the H200 machine an
+        # engine's shutdown hung there. Aborting frees them without waiting, and clears the groups all the same.
+        try:
+            from torch.distributed.distributed_c10d import _abort_process_group
+
+            _abort_process_group()
+            return
+        except Exception:
+            logger.debug("could not abort the NCCL groups; destroying them", exc_info=True)
+    dist.destroy_process_group()
 
 
 def broadcast_from_driver(obj: object) -> object:

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Device call(s) on a several-GPU machine. PART=check: the multi-GPU correctness tests, the MoE-family GPU tests,
+# and Qwen3-30B-A3B throughput on one GPU. PART=scale: throughput at several tensor-parallel sizes
+# (RUNS="model:tp ..."). Logs and JSON figures land in $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/nanovllm-gpu}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | sort | uniq -c
+bench() {  # name, timeout, args...
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" python -m nanovllm.benchmarks.throughput --output-json "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name (exit $?)"; grep -E "^(elapsed|throughput|floor|device  )" "$OUT/$name.log"
+  grep -E "Error|error" "$OUT/$name.log" | tail -3
+}
+if [ "${PART:-check}" = check ]; then
+  timeout 330 python -m pytest -q -p no:cacheprovider tests/gpu/test_parallel_gpu.py \
+    "tests/gpu/test_engine_gpu.py::test_every_family_on_the_fast_path_matches_the_cpu_engine" > "$OUT/tests.log" 2>&1
+  tail -4 "$OUT/tests.log"; grep -E "^(E  |FAILED)" "$OUT/tests.log" | head -12
+  bench qwen3-30b-a3b_tp1 200 --model qwen3-30b-a3b
+fi
+for run in ${RUNS:-}; do
+  model=${run%%:*}; tp=${run##*:}
+  bench "${model}_tp${tp}" 170 --model "$model" -tp "$tp"
+done
+exit 0
