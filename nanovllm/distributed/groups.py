@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 # Collectives on tensors: long enough for the slowest rank to load its weights before the first one (start-up is
 # where ranks drift apart most), short enough that a hung rank ends in an error. A dead rank errors at once.
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("NANOVLLM_DIST_TIMEOUT_S", "600"))
+_NCCL_ABORT_TIMEOUT_S = 10.0
 _IDLE_TIMEOUT = timedelta(days=30)
 _CONFIG_KEY = "nanovllm/engine_config"
 
@@ -155,17 +157,27 @@ def destroy_parallel() -> None:
     set_tp_group(None, 0, 1)
     if not dist.is_initialized():
         return
-    if backend == "nccl":
-        # destroying NCCL communicators waits on the peers, which may have gone already: on the H200 machine an
-        # engine's shutdown hung there. Aborting frees them without waiting, and clears the groups all the same.
-        try:
-            from torch.distributed.distributed_c10d import _abort_process_group
+    if backend != "nccl":
+        dist.destroy_process_group()
+        return
+    # Destroying NCCL communicators waits on the peers, which may have gone already: on the H200 machine an
+    # engine's shutdown hung there. Aborting frees them without waiting; it runs in a thread all the same, so that
+    # whatever NCCL does, shutdown returns.
+    from torch.distributed.distributed_c10d import _abort_process_group
 
+    done = threading.Event()
+
+    def abort() -> None:
+        try:
             _abort_process_group()
-            return
         except Exception:
-            logger.debug("could not abort the NCCL groups; destroying them", exc_info=True)
-    dist.destroy_process_group()
+            logger.debug("aborting the NCCL groups failed", exc_info=True)
+        done.set()
+
+    threading.Thread(target=abort, name="nanovllm-nccl-abort", daemon=True).start()
+    if not done.wait(_NCCL_ABORT_TIMEOUT_S):
+        logger.warning("the NCCL groups did not close within %.0f s; leaving them to the process's exit",
+                       _NCCL_ABORT_TIMEOUT_S)
 
 
 def broadcast_from_driver(obj: object) -> object:
