@@ -21,7 +21,7 @@ $B --num-prompts 32 --random-input-len 256 --random-output-len 32 > /tmp/res/war
 $B --dataset random --num-prompts 256 --random-input-len 1024 --random-output-len 128 --random-range-ratio 0.5 --save-result /tmp/res/random_inf.json 2>&1 | tee /tmp/res/random_inf.txt
 $B --dataset random --num-prompts 256 --random-input-len 1024 --random-output-len 128 --random-range-ratio 0.5 --request-rate 16 --goodput ttft:500 tpot:50 --save-result /tmp/res/random_rate16.json 2>&1 | tee /tmp/res/random_rate16.txt
 $B --dataset shared-prefix --num-prompts 256 --shared-prefix-groups 8 --shared-prefix-len 1024 --shared-suffix-len 64 --random-output-len 64 --save-result /tmp/res/shared_prefix.json 2>&1 | tee /tmp/res/shared_prefix.txt
-$B --dataset incast --incast-background 16 --incast-burst 32 --incast-burst-input-len 1000 --save-result /tmp/res/incast_8192.json 2>&1 | tee /tmp/res/incast_8192.txt
+$B --dataset incast --incast-background 16 --incast-burst 32 --incast-burst-input-len 1000 --save-result /tmp/res/incast_default.json 2>&1 | tee /tmp/res/incast_default.txt
 curl -s localhost:8000/metrics > /tmp/res/metrics.txt
 stop_server
 start_server server_chunked --max-num-batched-tokens 512 || exit 1
