@@ -193,6 +193,8 @@ def check_schedule(
     waiting_before: list[Request],
     tokens_before: dict[int, int],
     overlap: bool = False,
+    in_flight_ids: frozenset[int] = frozenset(),
+    max_seqs: int | None = None,
 ) -> None:
     assert out.num_batched_tokens == sum(c.num_tokens for c in out.chunks)
     assert out.num_batched_tokens <= sched.max_num_batched_tokens
@@ -204,8 +206,14 @@ def check_schedule(
         at_limit = all(
             r.num_output_tokens >= r.max_tokens or r.num_tokens >= sched.max_model_len for r in sched.running
         )
-        if not (overlap and at_limit and sched.running):
+        # with micro-batches, a step may be empty while others are in flight (their requests wait for them, and
+        # their pages cannot be taken back)
+        if not (overlap and at_limit and sched.running) and not in_flight_ids:
             assert out.chunks, "a step with unfinished requests schedules something"
+    if max_seqs is not None:
+        assert len(out.chunks) <= max_seqs, "a micro-batch takes its share of the requests, not all of them"
+    assert not in_flight_ids & {id(c.request) for c in out.chunks}, "a request is in one in-flight step at most"
+    assert not in_flight_ids & {id(r) for r in out.preempted}, "a request in flight is never preempted"
     order = []
     for chunk in out.chunks:
         request = chunk.request
@@ -236,8 +244,9 @@ def check_schedule(
     else:
         remaining = iter(waiting_before)
         assert all(any(r is w for w in remaining) for r in admitted)
-    # recompute preemption takes the newest running requests: the preempted ones are a suffix of the running list
-    order_before = list(running_before)
+    # recompute preemption takes the newest running requests (of those not in flight): the preempted ones are a
+    # suffix of that list
+    order_before = [r for r in running_before if r not in in_flight_ids]
     if out.preempted:
         preempted = {id(r) for r in out.preempted}
         assert set(order_before[len(order_before) - len(preempted) :]) == preempted, "only the newest are preempted"
@@ -247,17 +256,22 @@ def check_schedule(
         assert request not in [c.request for c in out.chunks]
 
 
-def play(sc: Scenario, overlap: bool = False, prefix_caching: bool = False) -> None:
+def play(sc: Scenario, overlap: bool = False, prefix_caching: bool = False, micro_batches: int = 1) -> None:
+    """Play a scenario. ``overlap``: one step stays in flight (placeholders chain the tokens). ``micro_batches``:
+    up to that many disjoint steps in flight, the oldest collected when the next is launched (as the engine does
+    for a pipeline of that many stages)."""
     rng = random.Random(sc.seed)
     kv = KVCacheManager(sc.num_pages, sc.block_size, enable_prefix_caching=prefix_caching)
     shadow = ShadowKV(sc.block_size)
-    sched = Scheduler(kv, sc.max_num_seqs, sc.max_num_batched_tokens, sc.max_model_len)
+    sched = Scheduler(kv, sc.max_num_seqs, sc.max_num_batched_tokens, sc.max_model_len, micro_batches)
+    max_in_flight = (micro_batches - 1) + (1 if overlap else 0)
     requests = [make_request(i, spec, rng) for i, spec in enumerate(sc.specs)]
     arrivals = sorted(range(len(requests)), key=lambda i: sc.specs[i].arrival)
     aborted: set[str] = set()
     work = sum(s.prompt_len + s.max_tokens for s in sc.specs)
     # generous: recomputation after preemption repeats work, at most once per other request
-    bound = max(s.arrival for s in sc.specs) + work * (len(requests) + 1) + 10
+    # (with micro-batches a request waits out its step in flight: up to micro_batches calls per step of its own)
+    bound = max(s.arrival for s in sc.specs) + micro_batches * (work * (len(requests) + 1) + 10)
     in_flight: list[SchedulerOutput] = []  # scheduled but not yet updated (depth 2 when overlapping)
 
     def fake_tokens(out: SchedulerOutput) -> list[int]:
@@ -285,13 +299,17 @@ def play(sc: Scenario, overlap: bool = False, prefix_caching: bool = False) -> N
         running_before = {id(r): r.num_pending_tokens for r in sched.running}
         waiting_before = list(sched.waiting)
         tokens_before = {id(r): r.num_tokens for r in sched.requests.values()}
+        in_flight_ids = frozenset(id(c.request) for step_out in in_flight for c in step_out.chunks
+                                  if not c.request.is_finished) if micro_batches > 1 else frozenset()
+        runnable = min(len(sched.running) + len(sched.waiting), sc.max_num_seqs)
+        max_seqs = max(1, -(-runnable // micro_batches)) if micro_batches > 1 else None
         out = sched.schedule()
-        check_schedule(sched, out, running_before, waiting_before, tokens_before, overlap)
+        check_schedule(sched, out, running_before, waiting_before, tokens_before, overlap, in_flight_ids, max_seqs)
         check_state(sched, kv)
         shadow.apply(out, kv)
         if not out.is_empty:
             in_flight.append(out)
-        if in_flight and (not overlap or len(in_flight) == 2 or out.is_empty):
+        if in_flight and (len(in_flight) > max_in_flight or out.is_empty):
             do_update(in_flight.pop(0))
         step += 1
 
@@ -351,6 +369,19 @@ def test_scheduler_invariants_with_prefix_cache(sc: Scenario) -> None:
 @given(scenarios())
 def test_scheduler_invariants_with_prefix_cache_overlapped(sc: Scenario) -> None:
     play(sc, overlap=True, prefix_caching=True)
+
+
+@settings(SETTINGS, max_examples=300)
+@given(scenarios(), st.sampled_from([2, 3]))
+def test_scheduler_invariants_with_micro_batches(sc: Scenario, micro_batches: int) -> None:
+    """Pipeline parallelism: disjoint micro-batches in flight, never preempting a request that is in one."""
+    play(sc, micro_batches=micro_batches)
+
+
+@settings(SETTINGS, max_examples=150)
+@given(scenarios())
+def test_scheduler_invariants_with_micro_batches_and_prefix_cache(sc: Scenario) -> None:
+    play(sc, prefix_caching=True, micro_batches=2)
 
 
 def test_overlap_never_schedules_past_max_tokens() -> None:

@@ -104,7 +104,7 @@ class _CoreLoop:
             steps_before = self.core.stats.num_steps
             outputs = self.core.step()
             no_progress = not outputs and self.core.stats.num_steps == steps_before
-            if no_progress and getattr(self.core, "in_flight", None) is None:
+            if no_progress and not self.core.in_flight:
                 # nothing was schedulable or in flight (requests that fit the pool always are); do not spin hot
                 self._wait_for_input(timeout=0.01)
                 continue

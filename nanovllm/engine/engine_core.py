@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,13 +45,19 @@ class EngineCore:
         self.config = config
         self.executor = executor
         self.kv = KVCacheManager(executor.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        # a pipeline of N stages keeps N disjoint micro-batches in flight, so no stage waits for the others
+        num_micro_batches = getattr(executor, "num_micro_batches", 1)
         self.scheduler = Scheduler(
-            self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len
+            self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len, num_micro_batches
         )
         self.stats = EngineStats()
         overlap = config.async_scheduling
         self.overlap = getattr(executor, "device_type", "cpu") == "cuda" if overlap is None else overlap
-        self.in_flight: tuple[SchedulerOutput, Any] | None = None
+        # steps left running between calls of step(): one more with overlap scheduling, and with micro-batches
+        # one fewer than their number (the last is launched just before the oldest is collected)
+        self.num_micro_batches = num_micro_batches
+        self.max_in_flight = (num_micro_batches - 1) + (1 if self.overlap else 0)
+        self.in_flight: deque[tuple[SchedulerOutput, Any]] = deque()
 
     @property
     def num_kv_pages(self) -> int:
@@ -72,36 +79,38 @@ class EngineCore:
 
     def abort_request(self, request_id: str) -> None:
         self.scheduler.abort_request(request_id)
-        if not self.scheduler.has_unfinished():
-            self.in_flight = None  # its results would belong to no one; the device finishes it regardless
+        if not self.scheduler.has_unfinished() and self.num_micro_batches == 1:
+            # its results would belong to no one; the device finishes it regardless (a pipeline's stages are still
+            # collected, since its ranks expect every launched step's messages to be received)
+            self.in_flight.clear()
 
     def finish_request(self, request_id: str, stop_reason: str) -> None:
         """A stop string was found by the front end."""
         self.scheduler.finish_request(request_id, RequestStatus.FINISHED_STOPPED, stop_reason)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or self.in_flight is not None
+        return self.scheduler.has_unfinished() or bool(self.in_flight)
 
     def step(self) -> list[EngineCoreOutput]:
         """One scheduling round. With overlap, step N+1 is scheduled and queued on the device before step N's
-        results are read back, so the host's work hides behind the device's; results arrive one call late."""
+        results are read back, so the host's work hides behind the device's; results arrive one call late. With
+        micro-batches, up to ``max_in_flight`` steps stay launched; the oldest is collected when a newer one is
+        launched, or when nothing new could be scheduled."""
         start = time.perf_counter()
         # the named ranges show up in a torch profiler trace (bench throughput --profile)
         with record_function("nanovllm.schedule"):
             sched = self.scheduler.schedule()
-        with record_function("nanovllm.launch"):
-            launched = None if sched.is_empty else (sched, self.executor.launch(sched))
-        if not self.overlap and launched is not None:
-            self.in_flight, launched = launched, None
+        if not sched.is_empty:
+            with record_function("nanovllm.launch"):
+                self.in_flight.append((sched, self.executor.launch(sched)))
         updated = []
-        if self.in_flight is not None:
-            done_sched, pending = self.in_flight
+        if self.in_flight and (len(self.in_flight) > self.max_in_flight or sched.is_empty):
+            done_sched, pending = self.in_flight.popleft()
             with record_function("nanovllm.collect"):
                 result = self.executor.collect(pending)
             with record_function("nanovllm.update"):
                 updated = self.scheduler.update(done_sched, result)
             self._count(done_sched, len(updated))
-        self.in_flight = launched
         step_time = time.perf_counter() - start
         self.stats.step_time_s += step_time
         self.stats.host_time_s += step_time - getattr(self.executor, "take_wait_time", lambda: 0.0)()

@@ -56,6 +56,7 @@ class Request:
     prompt_logprobs: list[dict[int, float]] = field(default_factory=list)  # for prompt positions 1.. (echo)
     prompt_logprobs_sent: bool = False
     sample_row: int = -1  # row of this request's last sampled token in its step's output tensor
+    in_flight: bool = False  # in a launched micro-batch not yet collected (pipeline parallelism)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

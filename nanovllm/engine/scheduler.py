@@ -4,6 +4,10 @@ Each step builds one mixed batch: running decodes first (one token each), then t
 prompts, then new requests from the waiting queue, each prefill cut to whatever budget is left. When a running
 request needs a page and none is free, the newest running request is preempted: its pages are released and it
 goes back to the front of the queue, to be recomputed from its tokens (prompt and output so far) when pages free up.
+
+With pipeline parallelism (``num_micro_batches`` > 1) several steps are in flight at once, one per stage, and they
+must be disjoint: a request in a launched, uncollected micro-batch is skipped (and never preempted) until its
+results are in, and each micro-batch takes about 1/num_micro_batches of the requests, so the next one has work.
 """
 from __future__ import annotations
 
@@ -51,9 +55,11 @@ class ModelOutput:
 
 class Scheduler:
     def __init__(
-        self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int
+        self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+        num_micro_batches: int = 1,
     ) -> None:
         self.kv = kv
+        self.num_micro_batches = num_micro_batches
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -96,13 +102,14 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        max_seqs = self._micro_batch_size()
 
         # Decodes before unfinished prefills, each group in admission order.
         for request in sorted(self.running, key=lambda r: r.num_pending_tokens > 1):
             budget = self.max_num_batched_tokens - out.num_batched_tokens
-            if budget == 0:
+            if budget == 0 or len(out.chunks) >= max_seqs:
                 break
-            if request.status != RequestStatus.RUNNING:  # preempted earlier in this loop
+            if request.status != RequestStatus.RUNNING or request.in_flight:  # preempted, or in another micro-batch
                 continue
             if self._reached_limit(request):  # its last token is still on the way back (overlap)
                 continue
@@ -112,12 +119,23 @@ class Scheduler:
 
         # New (or preempted) requests, only when nothing had to be preempted: there is no room to grow.
         if not out.preempted:
-            self._admit(out)
+            self._admit(out, max_seqs)
 
+        if self.num_micro_batches > 1:
+            for chunk in out.chunks:
+                chunk.request.in_flight = True
         out.page_copies = self.kv.take_page_copies()
         return out
 
-    def _admit(self, out: SchedulerOutput) -> None:
+    def _micro_batch_size(self) -> int:
+        """Most requests one step may take: all of them, or with micro-batches an even share of those that could
+        run, so that every stage of the pipeline gets a batch."""
+        if self.num_micro_batches == 1:
+            return self.max_num_seqs
+        runnable = min(len(self.running) + len(self.waiting), self.max_num_seqs)
+        return max(1, -(-runnable // self.num_micro_batches))
+
+    def _admit(self, out: SchedulerOutput, max_seqs: int) -> None:
         """Start waiting requests in arrival order while the budget, the sequence limit and the pool allow.
 
         With the prefix cache on, a prompt whose first page matches a prompt being prefilled right now, and is not
@@ -126,7 +144,7 @@ class Scheduler:
         prefilling = self._prefilling_first_pages()
         for request in list(self.waiting):
             budget = self.max_num_batched_tokens - out.num_batched_tokens
-            if budget == 0 or len(self.running) >= self.max_num_seqs:
+            if budget == 0 or len(self.running) >= self.max_num_seqs or len(out.chunks) >= max_seqs:
                 break
             first_page = self._first_page(request)
             if first_page is not None and first_page in prefilling and not self.kv.is_cached(first_page):
@@ -169,10 +187,15 @@ class Scheduler:
     def _make_room(self, request: Request, num_tokens: int, out: SchedulerOutput) -> bool:
         """Allocate pages for the chunk, preempting the newest running requests until it fits.
 
-        Older requests are never preempted for newer ones, so the oldest always progresses. Returns False when
-        the request itself was preempted."""
+        Older requests are never preempted for newer ones, so the oldest always progresses. A request in a micro-batch
+        still in flight is never a victim (its step is writing its pages). When the newest request that could be one
+        is this request itself and others are in flight, it keeps its pages and waits for them instead of preempting
+        itself: two requests that cannot fit together would otherwise take turns undoing each other's prefill.
+        Returns False when the request is not scheduled."""
         while not self.kv.allocate(request, request.num_computed_tokens + num_tokens):
-            victim = self.running[-1]
+            victim = next((r for r in reversed(self.running) if not r.in_flight), None)
+            if victim is None or (victim is request and any(r.in_flight for r in self.running)):
+                return False
             self._preempt(victim, out)
             if victim is request:
                 return False
@@ -218,6 +241,7 @@ class Scheduler:
         sampled = iter(range(len(result.token_ids)))
         for chunk in out.chunks:
             request = chunk.request
+            request.in_flight = False
             row = next(sampled) if chunk.sample else None
             if request.is_finished:  # aborted, or stopped while this step ran
                 continue
