@@ -97,7 +97,19 @@ def test_same_tokens_as_one_process(model: str, layout: str) -> None:
     tp, pp = LAYOUTS[layout]
     expected_greedy, expected_seeded = reference(model, GREEDY), reference(model, SEEDED)
     llm = make_llm(model, tp, pp, async_scheduling=True)  # overlap: next inputs read the last samples on device
-    pids = llm.engine.core.executor.worker_pids
+    core = llm.engine.core
+    pids = core.executor.worker_pids
+    in_flight_at_launch: list[int] = []  # steps in flight when another was launched
+    shared_at_launch: list[int] = []  # of their requests, how many the new step also has
+    launch = core.executor.launch
+
+    def recording_launch(sched: Any) -> Any:
+        busy = {id(c.request) for step, _ in core.in_flight for c in step.chunks}
+        in_flight_at_launch.append(len(core.in_flight))
+        shared_at_launch.append(len(busy & {id(c.request) for c in sched.chunks}))
+        return launch(sched)
+
+    core.executor.launch = recording_launch
     try:
         assert len(pids) == tp * pp - 1
         assert_close(run(llm, GREEDY), expected_greedy)
@@ -105,6 +117,13 @@ def test_same_tokens_as_one_process(model: str, layout: str) -> None:
     finally:
         llm.shutdown()
     assert gone(pids)
+    # a step is launched while another is in flight; in a pipeline the two are disjoint micro-batches (a stage
+    # works on one while the next stage works on the other), without one the next step continues the same requests
+    assert max(in_flight_at_launch) >= 1
+    if pp > 1:
+        assert not any(shared_at_launch)
+    else:
+        assert any(shared_at_launch)
 
 
 def test_layer_split() -> None:

@@ -220,6 +220,7 @@ class ParallelExecutor:
             raise
         self.num_kv_blocks = self.runner.num_kv_blocks
         self.device_type = self.runner.device_type
+        self.num_micro_batches = pp_size  # the engine keeps one batch in flight per pipeline stage
         logger.info("parallel engine: %d ranks (tensor parallel %d x pipeline parallel %d), %s", world_size,
                     tp_size, pp_size, "spawned on this host" if env is None else "launched by the environment")
 

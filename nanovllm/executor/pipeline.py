@@ -10,14 +10,17 @@ The stage's model is the family's own class with ``make_layer`` wrapped: a layer
 parameterless ``MissingLayer``, so no rank allocates layers it does not run. Every model here is a ``Qwen3Model``
 (``model.embed_tokens``, ``model.layers``, ``model.norm``), which is all the stage forward relies on.
 
-One micro-batch is in the pipe at a time: the first stage waits for a step's tokens before running the next step,
-which every decode step needs anyway. Keeping several disjoint micro-batches in flight would need the scheduler to
-hand out one batch per stage; that is not built.
+Several micro-batches are in the pipe at once, one per stage: the scheduler hands out disjoint batches (a request
+waits while its last step is in flight), so the first stage starts the next micro-batch while later stages work
+on earlier ones. Messages between two ranks are matched in the order they were posted, and every rank runs the
+steps in the driver's order, so nothing needs a tag. A step that reads tokens still on the device (overlap
+scheduling without micro-batches) waits for the previous step's tokens first.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import deque
 from typing import Any
 
 import torch
@@ -134,7 +137,8 @@ class PipelineStageRunner(ModelRunner):
         hf_config = config.hf_config
         self.layer_range = stage_layer_range(hf_config.num_hidden_layers, groups.pp_size, groups.pp_rank)
         self.hidden_size = hf_config.hidden_size
-        self._inflight_tokens: tuple[_Receive, torch.Tensor] | None = None
+        # first stage: the sampled tokens on their way back from the last stage, oldest first
+        self._token_receives: deque[tuple[_Receive, torch.Tensor]] = deque()
         super().__init__(dataclasses.replace(config, enforce_eager=True), model_path)
         logger.info("pipeline stage %d of %d: layers %d..%d", groups.pp_rank, groups.pp_size,
                     self.layer_range[0], self.layer_range[1] - 1)
@@ -149,7 +153,10 @@ class PipelineStageRunner(ModelRunner):
     @torch.inference_mode()
     def launch_host(self, host: HostBatch, sampled_chunks: list | None) -> PendingStep:
         groups = self.groups
-        self._wait_for_tokens()  # in order: the previous step's tokens may be this step's inputs
+        if "pending_rows" in host.arrays:  # this step reads the previous step's tokens on the device
+            self._wait_for_tokens(keep=0)
+        else:  # micro-batches: bound the receives left open to one per stage
+            self._wait_for_tokens(keep=groups.pp_size - 1)
         num_tokens = host.arrays["input_ids"].shape[0]
         if not groups.is_first_stage:
             self.model.stage_input = self._recv_hidden(num_tokens)
@@ -178,11 +185,12 @@ class PipelineStageRunner(ModelRunner):
         dist.recv(buffer, src=self.groups.peer_in_stage(self.groups.pp_rank - 1))
         return buffer[0], buffer[1]
 
-    def _wait_for_tokens(self) -> None:
-        if self._inflight_tokens is not None:
-            work, tokens = self._inflight_tokens
+    def _wait_for_tokens(self, keep: int) -> None:
+        """Complete the oldest token receives until at most ``keep`` remain open."""
+        while len(self._token_receives) > keep:
+            work, tokens = self._token_receives.popleft()
             work.wait()
-            self.last_sampled, self._inflight_tokens = tokens, None
+            self.last_sampled = tokens
 
     def _receive_results(self, host: HostBatch, pending: PipelinePending, driver: bool) -> None:
         """First stage: post receives for what the last stage will send (shapes follow from ``host``)."""
@@ -196,7 +204,7 @@ class PipelineStageRunner(ModelRunner):
         if host.sampling_flags is not None:
             num_rows = host.arrays["logits_indices"].shape[0]
             tokens = receive((num_rows,), torch.int64)
-            self._inflight_tokens = (pending.works[-1], tokens)
+            self._token_receives.append((pending.works[-1], tokens))
             if driver:
                 for row, chunk in enumerate(pending.sampled_chunks):
                     chunk.request.sample_row = row

@@ -16,8 +16,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import queue
 import signal
 import sys
+import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -79,8 +81,11 @@ def run_worker(rank: int, local_rank: int, master_addr: str, master_port: int, w
         init_parallel(store, rank, config.tensor_parallel_size, config.pipeline_parallel_size, local_rank, use_cuda)
         runner = make_runner(config, model_path)
         logger.info("rank %d is ready", rank)
+        steps = _receive_steps_in_background()
         while True:
-            host = broadcast_from_driver(None)
+            host = steps.get()
+            if isinstance(host, BaseException):
+                raise host
             if host is None:  # the driver shuts down
                 break
             runner.launch_host(host, None)
@@ -95,6 +100,29 @@ def run_worker(rank: int, local_rank: int, master_addr: str, master_port: int, w
     finally:
         destroy_parallel()
     logger.info("rank %d stopped", rank)
+
+
+def _receive_steps_in_background() -> queue.Queue:
+    """Take the driver's step broadcasts on a thread of their own, queued in order.
+
+    A broadcast completes only when every rank has taken part. With pipeline micro-batches the driver announces the
+    next step while a later stage is still running an earlier one; if that rank took part only between steps, the
+    driver would wait for it and the stages would run one after another instead of at once."""
+    steps: queue.Queue = queue.Queue()
+
+    def receive() -> None:
+        while True:
+            try:
+                host = broadcast_from_driver(None)
+            except BaseException as exc:  # the driver is gone: the main loop raises it
+                steps.put(exc)
+                return
+            steps.put(host)
+            if host is None:
+                return
+
+    threading.Thread(target=receive, name="nanovllm-step-receiver", daemon=True).start()
+    return steps
 
 
 def _die_with_parent() -> None:
