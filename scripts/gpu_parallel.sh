@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Device call(s) on a several-GPU machine. PART=check: the multi-GPU correctness tests, the MoE-family GPU tests,
-# and Qwen3-30B-A3B throughput on one GPU. PART=scale: throughput at several tensor-parallel sizes
-# (RUNS="model:tp ..."). Logs and JSON figures land in $OUT.
+# Device call(s) on a several-GPU machine, configured by environment variables (not arguments):
+#   PART=check (default): the multi-GPU correctness tests, the MoE-family GPU tests, and Qwen3-30B-A3B throughput
+#   on one GPU; any other PART skips them. RUNS="model:tp ...": throughput at those tensor-parallel sizes.
+# Logs and JSON figures land in $OUT. A test that runs past 150 s dumps every thread's stack into tests.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -14,7 +15,7 @@ bench() {  # name, timeout, args...
   grep -E "Error|error" "$OUT/$name.log" | tail -3
 }
 if [ "${PART:-check}" = check ]; then
-  timeout 330 python -m pytest -q -p no:cacheprovider tests/gpu/test_parallel_gpu.py \
+  timeout 330 python -m pytest -q -x -s -p no:cacheprovider -o faulthandler_timeout=150 tests/gpu/test_parallel_gpu.py \
     "tests/gpu/test_engine_gpu.py::test_every_family_on_the_fast_path_matches_the_cpu_engine" > "$OUT/tests.log" 2>&1
   tail -4 "$OUT/tests.log"; grep -E "^(E  |FAILED)" "$OUT/tests.log" | head -12
   bench qwen3-30b-a3b_tp1 200 --model qwen3-30b-a3b
