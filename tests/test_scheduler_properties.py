@@ -195,6 +195,7 @@ def check_schedule(
     overlap: bool = False,
     in_flight_ids: frozenset[int] = frozenset(),
     max_seqs: int | None = None,
+    running_requests_before: list[Request] | None = None,
 ) -> None:
     assert out.num_batched_tokens == sum(c.num_tokens for c in out.chunks)
     assert out.num_batched_tokens <= sched.max_num_batched_tokens
@@ -239,6 +240,13 @@ def check_schedule(
     # new requests come from the waiting queue in queue order: its head, or (with the prefix cache, which lets a
     # prompt wait for a running prefill of its first page) a subsequence of it
     admitted = [c.request for c in out.chunks if id(c.request) not in running_before]
+    if admitted and running_requests_before is not None:
+        # newcomers only get what the running requests left: each running one that could run got its chunk
+        scheduled = {id(c.request) for c in out.chunks}
+        left_out = [r.request_id for r in running_requests_before
+                    if id(r) not in in_flight_ids and id(r) not in scheduled and r.status == RequestStatus.RUNNING
+                    and not (r.num_output_tokens >= r.max_tokens or r.num_tokens >= sched.max_model_len)]
+        assert not left_out, f"admitted {[r.request_id for r in admitted]} while {left_out} waited"
     if sched.kv.prefix_cache is None:
         assert admitted == waiting_before[: len(admitted)]
     else:
@@ -297,6 +305,7 @@ def play(sc: Scenario, overlap: bool = False, prefix_caching: bool = False, micr
             aborted.add(victim)
             check_state(sched, kv)
         running_before = {id(r): r.num_pending_tokens for r in sched.running}
+        running_requests_before = list(sched.running)
         waiting_before = list(sched.waiting)
         tokens_before = {id(r): r.num_tokens for r in sched.requests.values()}
         in_flight_ids = frozenset(id(c.request) for step_out in in_flight for c in step_out.chunks
@@ -304,7 +313,8 @@ def play(sc: Scenario, overlap: bool = False, prefix_caching: bool = False, micr
         runnable = min(len(sched.running) + len(sched.waiting), sc.max_num_seqs)
         max_seqs = max(1, -(-runnable // micro_batches)) if micro_batches > 1 else None
         out = sched.schedule()
-        check_schedule(sched, out, running_before, waiting_before, tokens_before, overlap, in_flight_ids, max_seqs)
+        check_schedule(sched, out, running_before, waiting_before, tokens_before, overlap, in_flight_ids, max_seqs,
+                       running_requests_before)
         check_state(sched, kv)
         shadow.apply(out, kv)
         if not out.is_empty:

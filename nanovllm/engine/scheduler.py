@@ -60,6 +60,7 @@ class Scheduler:
     ) -> None:
         self.kv = kv
         self.num_micro_batches = num_micro_batches
+        self._waiting_for_room = False
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -103,6 +104,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         max_seqs = self._micro_batch_size()
+        self._waiting_for_room = False  # set when a request waits for pages held by steps in flight
 
         # Decodes before unfinished prefills, each group in admission order.
         for request in sorted(self.running, key=lambda r: r.num_pending_tokens > 1):
@@ -117,8 +119,9 @@ class Scheduler:
             if self._make_room(request, num_tokens, out):
                 self._schedule_chunk(request, num_tokens, out)
 
-        # New (or preempted) requests, only when nothing had to be preempted: there is no room to grow.
-        if not out.preempted:
+        # New (or preempted) requests, only when nothing had to be preempted or wait for room: there is no room to
+        # grow, and the pages that free up belong to the requests already running.
+        if not out.preempted and not self._waiting_for_room:
             self._admit(out, max_seqs)
 
         if self.num_micro_batches > 1:
@@ -195,6 +198,7 @@ class Scheduler:
         while not self.kv.allocate(request, request.num_computed_tokens + num_tokens):
             victim = next((r for r in reversed(self.running) if not r.in_flight), None)
             if victim is None or (victim is request and any(r.in_flight for r in self.running)):
+                self._waiting_for_room = True
                 return False
             self._preempt(victim, out)
             if victim is request:
