@@ -2,8 +2,9 @@
 
 A dozen separate copies cost a dozen launches, and each fresh pinned allocation (cudaHostAlloc) can synchronise
 the device, which would stall the host behind the step in flight and undo overlap scheduling. So a few slots of
-pinned host memory and matching device memory are allocated once and used in turn; a slot comes round again only
-after the step that used it has been collected, so nothing still in flight is overwritten.
+pinned host memory and matching device memory are allocated once and used in turn. Before a slot is refilled, the
+host waits for the event recorded after its last copy: normally long done, but a later pipeline stage may run several
+steps behind the driver, with its copies queued behind receives from the stage before.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class HostStager:
         self.device = device
         self.pinned = device.type == "cuda"
         self.slots = [self._allocate(initial_bytes) for _ in range(num_slots)]
+        self.copied: list[torch.cuda.Event | None] = [None] * num_slots  # recorded after each slot's last copy
         self.next_slot = 0
 
     def _allocate(self, num_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,15 +42,21 @@ class HostStager:
             # 16-byte aligned: Triton specialises kernels on whether a pointer is, so an alignment that varied
             # from step to step would compile a new variant of a kernel mid-run (about a second each)
             total += -(-array.nbytes // 16) * 16
-        host, device = self.slots[self.next_slot]
+        slot = self.next_slot
+        self.next_slot = (slot + 1) % len(self.slots)
+        if self.copied[slot] is not None:
+            self.copied[slot].synchronize()  # its previous copy has left the pinned buffer
+        host, device = self.slots[slot]
         if total > host.numel():  # rare: a larger batch than seen so far
             host, device = self._allocate(2 * total)
-            self.slots[self.next_slot] = (host, device)
-        self.next_slot = (self.next_slot + 1) % len(self.slots)
+            self.slots[slot] = (host, device)
         host_bytes = host.numpy()
         for _, offset, array in layout:
             host_bytes[offset : offset + array.nbytes] = array.reshape(-1).view(np.uint8)
         device[:total].copy_(host[:total], non_blocking=self.pinned)
+        if self.pinned:
+            self.copied[slot] = torch.cuda.Event()
+            self.copied[slot].record()
         return {
             name: device[offset : offset + array.nbytes].view(_TORCH_DTYPES[array.dtype]).view(array.shape)
             for name, offset, array in layout
