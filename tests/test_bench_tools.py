@@ -1,0 +1,58 @@
+"""The benchmark's own instruments, and the staging layout the GPU kernels rely on, checked on the CPU."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+from nanovllm.benchmarks import throughput
+from nanovllm.benchmarks.step_trace import StepRecord, summarise
+from nanovllm.executor.staging import HostStager
+
+
+def test_staged_arrays_are_16_byte_aligned_whatever_their_lengths():
+    """Triton specialises kernels on 16-byte pointer alignment: a staged view that is aligned in one step and not
+    in the next would compile a new kernel variant mid-run."""
+    stager = HostStager(torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        arrays = {
+            "a": rng.integers(0, 100, rng.integers(1, 40)).astype(np.int32),
+            "b": rng.integers(0, 100, rng.integers(1, 40)).astype(np.int64),
+            "c": rng.random(rng.integers(1, 9)).astype(np.float32),
+            "d": rng.integers(0, 100, (rng.integers(1, 5), rng.integers(1, 7))).astype(np.int32),
+        }
+        staged = stager.transfer(arrays)
+        base = stager.slots[(stager.next_slot - 1) % len(stager.slots)][1].data_ptr()
+        for name, array in arrays.items():
+            assert (staged[name].data_ptr() - base) % 16 == 0, name
+            assert torch.equal(staged[name], torch.from_numpy(array)), name
+
+
+def test_summarise_groups_steps_by_kind():
+    records = [StepRecord(10.0, 9.0, 3, 100), StepRecord(2.0, 1.0, 200, 0), StepRecord(4.0, 1.0, 150, 0),
+               StepRecord(1.0, 0.5, 5, 0), StepRecord(1.5, 0.5, 0, 0)]
+    rows = {row["kind"]: row for row in summarise(records)}
+    assert set(rows) == {"with prefill", "decode 129-256", "decode 1-16"}
+    assert rows["decode 129-256"]["steps"] == 2 and rows["decode 129-256"]["mean_ms"] == 3.0
+    assert rows["decode 129-256"]["mean_host_ms"] == 1.0 and rows["decode 129-256"]["max_ms"] == 4.0
+    assert rows["decode 1-16"]["steps"] == 2  # an empty step counts with the smallest decodes
+    assert sum(row["steps"] for row in rows.values()) == len(records)
+
+
+def test_throughput_bench_accounts_for_every_step(qwen3_dir: str, tmp_path):
+    parser = argparse.ArgumentParser()
+    throughput.add_arguments(parser)
+    log = tmp_path / "steps.json"
+    args = parser.parse_args(["--model", qwen3_dir, "--device", "cpu", "--dtype", "float32", "--num-prompts", "6",
+                              "--max-model-len", "256", "--step-log", str(log)])
+    result = throughput.main(args)
+    rows = result["steps_by_kind"]
+    assert sum(row["steps"] for row in rows) == result["steps"]
+    assert any(row["kind"] == "with prefill" for row in rows)
+    step_seconds = sum(row["total_s"] for row in rows)
+    assert 0 < step_seconds <= result["elapsed_s"]
+    assert log.exists() and len(json.loads(log.read_text())) == result["steps"]
+    assert result["output_tokens"] > 0
