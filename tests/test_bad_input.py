@@ -1,8 +1,10 @@
 """Bad input is a ``ValueError`` that names the field, raised before anything is queued; the engine stays usable."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,6 +27,27 @@ def llm(qwen3_dir) -> LLM:
 @pytest.fixture(scope="module")
 def expected(llm) -> list[int]:
     return llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)[0].token_ids
+
+
+@contextlib.contextmanager
+def launch_fails_on_call(llm: LLM, failing_call: int) -> Iterator[None]:
+    """The executor's ``launch`` raises "device lost" on its ``failing_call``-th call while the block runs."""
+    executor = llm.engine.core.executor
+    real = executor.launch
+    calls = 0
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == failing_call:
+            raise RuntimeError("device lost")
+        return real(*args, **kwargs)
+
+    executor.launch = failing
+    try:
+        yield
+    finally:
+        executor.launch = real
 
 
 def assert_idle(llm: LLM, drained: bool = True) -> None:
@@ -123,23 +146,8 @@ def test_engine_error_mid_generation_leaves_nothing_behind(qwen3_dir, overlap):
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     expected = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    executor = llm.engine.core.executor
-    name = "launch"
-    real = executor.launch
-    calls = {"n": 0}
-
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("device lost")
-        return real(*args, **kwargs)
-
-    setattr(executor, name, failing)
-    try:
-        with pytest.raises(RuntimeError, match="device lost"):
-            llm.generate(prompts, params, use_tqdm=False)
-    finally:
-        setattr(executor, name, real)
+    with launch_fails_on_call(llm, 3), pytest.raises(RuntimeError, match="device lost"):
+        llm.generate(prompts, params, use_tqdm=False)
     assert_idle(llm, drained=False)
     assert [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
     assert_idle(llm)
@@ -149,22 +157,8 @@ def test_engine_error_with_overlap_leaves_no_step_in_flight(qwen3_dir):
     """With overlap, the step launched before the failing one is still in flight; once generate() has raised,
     the engine should be idle (has_unfinished() False), not owe a step of aborted requests."""
     llm = LLM(qwen3_dir, device="cpu", dtype="float32", num_kv_blocks=64, async_scheduling=True)
-    executor = llm.engine.core.executor
-    real = executor.launch
-    calls = {"n": 0}
-
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("device lost")
-        return real(*args, **kwargs)
-
-    executor.launch = failing
-    try:
-        with pytest.raises(RuntimeError, match="device lost"):
-            llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
-    finally:
-        executor.launch = real
+    with launch_fails_on_call(llm, 3), pytest.raises(RuntimeError, match="device lost"):
+        llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)
     assert_idle(llm, drained=False)
     assert not llm.engine.has_unfinished(), "a step of aborted requests is still in flight"
 
