@@ -1,10 +1,10 @@
 """Small elementwise functions compiled into fused kernels on CUDA.
 
-A decode step of a 28-layer model runs its norms, rotary embedding and gated activation as well over a thousand
-tiny kernels when written in plain torch; each costs a few microseconds of device time even inside a CUDA graph.
-``torch.compile`` fuses each function below into one or two kernels. It is used only on CUDA and only when the
-forward context asks for it (not with ``enforce_eager``); the eager function remains the reference and the
-fallback, taken for good if compilation fails.
+A decode step of a 28-layer model runs its norms and gated activation as hundreds of tiny kernels when written in
+plain torch (the rotary embedding has a kernel of its own, ``kernels/norm_rope.py``); each costs a few
+microseconds of device time even inside a CUDA graph. ``torch.compile`` fuses each function below into one or two
+kernels. It is used only on CUDA and only when the forward context asks for it (not with ``enforce_eager``); the
+eager function remains the reference and the fallback, taken for good if compilation fails.
 """
 from __future__ import annotations
 
@@ -67,17 +67,3 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
 
-
-@fusible
-def apply_rotary(
-    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)
-    cos = torch.cat([cos, cos], dim=-1).unsqueeze(1).to(q.dtype)
-    sin = torch.cat([sin, sin], dim=-1).unsqueeze(1).to(q.dtype)
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin

@@ -7,7 +7,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from nanovllm.layers.fusion import apply_rotary
 
 
 def rope_parameters(hf_config: Any) -> dict[str, Any]:
@@ -72,4 +71,12 @@ class RotaryEmbedding(nn.Module):
             return norm_rope_(positions, q, k, self.cos_sin_cache, q_norm.weight, k_norm.weight, q_norm.eps)
         if norms is not None:
             q, k = norms[0](q), norms[1](k)
-        return apply_rotary(positions, q, k, self.cos_sin_cache)
+        cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)
+        cos = torch.cat([cos, cos], dim=-1).unsqueeze(1).to(q.dtype)
+        sin = torch.cat([sin, sin], dim=-1).unsqueeze(1).to(q.dtype)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
