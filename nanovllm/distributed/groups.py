@@ -72,7 +72,6 @@ class ParallelGroups:
     world_size: int
     tp_size: int
     pp_size: int
-    local_rank: int
     control: Any  # dist.ProcessGroup (gloo)
     backend: str
 
@@ -123,8 +122,7 @@ def read_config(store: dist.TCPStore) -> Any:
     return pickle.loads(store.get(_CONFIG_KEY))  # blocks until rank 0 has published it
 
 
-def init_parallel(store: dist.TCPStore, rank: int, tp_size: int, pp_size: int, local_rank: int,
-                  use_cuda: bool) -> ParallelGroups:
+def init_parallel(store: dist.TCPStore, rank: int, tp_size: int, pp_size: int, use_cuda: bool) -> ParallelGroups:
     """Every rank calls this with the same sizes; returns this rank's view and sets the layers' TP group."""
     global _GROUPS
     if _GROUPS is not None or dist.is_initialized():
@@ -136,7 +134,7 @@ def init_parallel(store: dist.TCPStore, rank: int, tp_size: int, pp_size: int, l
     # a timeout is each rank's own: workers may wait for the next step for ever, the driver may not wait on them
     control = dist.new_group(backend="gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S) if rank == 0
                              else _IDLE_TIMEOUT)
-    groups = ParallelGroups(rank, world_size, tp_size, pp_size, local_rank, control, backend)
+    groups = ParallelGroups(rank, world_size, tp_size, pp_size, control, backend)
     tp_group = dist.group.WORLD
     if pp_size > 1 and tp_size > 1:  # every rank must create every group, in the same order
         for stage in range(pp_size):
@@ -163,21 +161,26 @@ def destroy_parallel() -> None:
     # Destroying NCCL communicators waits on the peers, which may have gone already: on the H200 machine an
     # engine's shutdown hung there. Aborting frees them without waiting; it runs in a thread all the same, so that
     # whatever NCCL does, shutdown returns.
-    from torch.distributed.distributed_c10d import _abort_process_group
-
     done = threading.Event()
 
     def abort() -> None:
-        try:
-            _abort_process_group()
-        except Exception:
-            logger.debug("aborting the NCCL groups failed", exc_info=True)
+        abort_nccl_groups()
         done.set()
 
     threading.Thread(target=abort, name="nanovllm-nccl-abort", daemon=True).start()
     if not done.wait(_NCCL_ABORT_TIMEOUT_S):
         logger.warning("the NCCL groups did not close within %.0f s; leaving them to the process's exit",
                        _NCCL_ABORT_TIMEOUT_S)
+
+
+def abort_nccl_groups() -> None:
+    """Abort every process group without waiting for peers (NCCL only; a dead peer would otherwise block)."""
+    try:
+        from torch.distributed.distributed_c10d import _abort_process_group
+
+        _abort_process_group()
+    except Exception:
+        logger.debug("could not abort the NCCL groups", exc_info=True)
 
 
 def broadcast_from_driver(obj: object) -> object:

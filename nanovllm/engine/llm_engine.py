@@ -27,15 +27,16 @@ def load_tokenizer(config: EngineConfig, model_path: str) -> Any:
     source = config.tokenizer or model_path
     has_files = not os.path.isdir(source) or any(os.path.exists(os.path.join(source, f)) for f in _TOKENIZER_FILES)
     tokenizer = None
+    required = config.tokenizer is not None or config.load_format != "dummy"  # dummy weights may go without
     if has_files:
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
         except (OSError, ValueError):
-            if config.tokenizer is not None or config.load_format != "dummy":
+            if required:
                 raise
     # a directory with no tokenizer files may still yield an empty stand-in; that is no tokenizer
     if tokenizer is None or len(tokenizer) <= 1:
-        if config.tokenizer is not None or config.load_format != "dummy":
+        if required:
             raise ValueError(f"no tokenizer found at {source}; pass tokenizer=... (a directory or hub id)")
         logger.warning("no tokenizer at %s; only token-id prompts will work", source)
         return None

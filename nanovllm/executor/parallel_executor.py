@@ -32,6 +32,7 @@ import torch
 from nanovllm.config import EngineConfig
 from nanovllm.distributed.groups import (
     COLLECTIVE_TIMEOUT_S,
+    abort_nccl_groups,
     broadcast_from_driver,
     destroy_parallel,
     get_parallel_groups,
@@ -92,13 +93,9 @@ class _Workers:
             return
         self.failure = self.describe_failure(by_sentinel[ready[0]])
         logger.error("parallel worker failed: %s", self.failure)
-        if get_parallel_groups() is not None and get_parallel_groups().backend == "nccl":
-            try:  # NCCL waits on a dead peer until its timeout; aborting makes the driver's pending op fail now
-                from torch.distributed.distributed_c10d import _abort_process_group
-
-                _abort_process_group()
-            except Exception:
-                logger.debug("could not abort the NCCL groups", exc_info=True)
+        groups = get_parallel_groups()
+        if groups is not None and groups.backend == "nccl":
+            abort_nccl_groups()  # NCCL waits on a dead peer until its timeout; this makes the pending op fail now
 
     def describe_failure(self, rank: int) -> str:
         with self._lock:
@@ -186,8 +183,6 @@ class ParallelExecutor:
         tp_size, pp_size = config.tensor_parallel_size, config.pipeline_parallel_size
         world_size = tp_size * pp_size
         check_parallel_sizes(config.hf_config, tp_size, pp_size)
-        if get_parallel_groups() is not None:  # layers read one process-wide TP group
-            raise RuntimeError("this process already runs a parallel engine; call its shutdown() first")
         use_cuda = uses_cuda(config)
         env = torchrun_env()
         self._workers = _Workers()
@@ -210,7 +205,7 @@ class ParallelExecutor:
                 self._workers.saved_threads = torch.get_num_threads()
                 torch.set_num_threads(cpu_threads_per_rank(world_size))
             self._workers.groups_live = True  # (also if joining fails half-way: leave what was joined)
-            init_parallel(store, 0, tp_size, pp_size, local_rank, use_cuda)
+            init_parallel(store, 0, tp_size, pp_size, use_cuda)
             self.runner = make_runner(config, model_path)
         except BaseException as exc:
             failure = self._workers.check(timeout=2.0)

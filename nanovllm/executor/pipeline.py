@@ -53,8 +53,7 @@ class MissingLayer(nn.Module):
         raise RuntimeError("a layer owned by another pipeline stage was run")
 
 
-def stage_model_class(base: type[nn.Module], start: int, end: int, first: bool, last: bool,
-                      hidden_size: int) -> type[nn.Module]:
+def stage_model_class(base: type[nn.Module], start: int, end: int, first: bool, last: bool) -> type[nn.Module]:
     """``base`` (a model family's class) reduced to the layers [start, end) and the ends of the model it owns."""
 
     class PipelineStage(base):  # type: ignore[misc, valid-type]
@@ -74,6 +73,7 @@ def stage_model_class(base: type[nn.Module], start: int, end: int, first: bool, 
                 self.lm_head = None
                 inner.norm = None
             self.stage_layers = list(inner.layers[start:end])
+            self.stage_hidden_size = config.hidden_size
             self.stage_input: tuple[torch.Tensor, torch.Tensor] | None = None  # set by the runner before forward
             self.stage_output: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -90,7 +90,7 @@ def stage_model_class(base: type[nn.Module], start: int, end: int, first: bool, 
                 (hidden, residual), self.stage_input = self.stage_input, None
             else:  # the memory-profiling forward: no previous stage ran
                 dtype = next(self.parameters()).dtype
-                hidden = torch.zeros(input_ids.shape[0], hidden_size, dtype=dtype, device=input_ids.device)
+                hidden = torch.zeros(input_ids.shape[0], self.stage_hidden_size, dtype=dtype, device=input_ids.device)
                 residual = hidden.clone()
             for layer in self.stage_layers:
                 hidden, residual = layer(positions, hidden, residual)
@@ -146,7 +146,7 @@ class PipelineStageRunner(ModelRunner):
     def model_class(self, hf_config: Any) -> type[nn.Module]:
         start, end = self.layer_range
         return stage_model_class(get_model_class(hf_config), start, end, self.groups.is_first_stage,
-                                 self.groups.is_last_stage, self.hidden_size)
+                                 self.groups.is_last_stage)
 
     # ---- a step -----------------------------------------------------------------------------------------------
 
@@ -175,8 +175,8 @@ class PipelineStageRunner(ModelRunner):
         self._send_results(batch, logits, hidden)
         return pending
 
-    def collect(self, pending: PendingStep) -> ModelOutput:
-        for work in getattr(pending, "works", ()):
+    def collect(self, pending: PipelinePending) -> ModelOutput:  # type: ignore[override]
+        for work in pending.works:
             work.wait()
         return super().collect(pending)
 

@@ -78,7 +78,7 @@ def run_worker(rank: int, local_rank: int, master_addr: str, master_port: int, w
             from nanovllm.loader import resolve_model_path
 
             model_path = resolve_model_path(config.model, config.revision, weights=config.load_format != "dummy")
-        init_parallel(store, rank, config.tensor_parallel_size, config.pipeline_parallel_size, local_rank, use_cuda)
+        init_parallel(store, rank, config.tensor_parallel_size, config.pipeline_parallel_size, use_cuda)
         runner = make_runner(config, model_path)
         logger.info("rank %d is ready", rank)
         steps = _receive_steps_in_background()
