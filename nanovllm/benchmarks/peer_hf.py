@@ -6,12 +6,9 @@ Used by ``nanovllm bench throughput --compare-hf``. The model is built from the 
 """
 from __future__ import annotations
 
-import logging
 import time
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 
 def run_hf_continuous_batching(

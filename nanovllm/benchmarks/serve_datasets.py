@@ -36,7 +36,7 @@ class PromptMaker:
 
     def length(self, mean: int, range_ratio: float) -> int:
         low, high = int(mean * (1 - range_ratio)), int(mean * (1 + range_ratio))
-        return max(1, self.rng.randint(max(low, 1), max(high, 1)))
+        return self.rng.randint(max(low, 1), max(high, 1))
 
 
 def random_requests(maker: PromptMaker, num: int, input_len: int, output_len: int,
