@@ -86,6 +86,15 @@ class CUDAGraphRunner:
             self.graphs[batch_size] = graph
         torch.cuda.synchronize()
 
+    def release(self) -> None:
+        """Destroy the graphs. NCCL cannot tear down a communicator while a graph that captured its collectives
+        lives (it waits for those graphs for ever), so the parallel engine calls this before leaving its groups."""
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.logits.clear()
+        torch.cuda.synchronize()
+
     def can_run(self, batch: ForwardBatch) -> bool:
         meta = batch.meta
         return meta.is_decode_only and meta.num_seqs <= self.max_batch_size and batch.prompt_spans is None

@@ -182,6 +182,12 @@ class ModelRunner:
             dst = host_to_device(torch.tensor([d for _, d in copies]), self.device)
             self.kv_pool[:, :, dst] = self.kv_pool[:, :, src]
 
+    def release_graphs(self) -> None:
+        """Drop the CUDA graphs (decode runs eagerly afterwards); see ``CUDAGraphRunner.release``."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+
     def model_info(self) -> dict[str, int]:
         params = list(self.model.parameters())
         weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in params}.values())

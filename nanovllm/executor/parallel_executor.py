@@ -49,6 +49,7 @@ from nanovllm.executor.worker import (
     JOINED_KEY,
     cpu_threads_per_rank,
     make_runner,
+    release_graphs,
     run_worker,
     uses_cuda,
 )
@@ -71,6 +72,7 @@ class _Workers:
         self._lock = threading.Lock()  # the watchdog and the driver may both look at a dead worker
         self._described: dict[int, str] = {}
         self.saved_threads: int | None = None
+        self.runner: Any = None  # the driver's, once built: its CUDA graphs must go before the groups
 
     def spawn(self, world_size: int, port: int) -> None:
         context = mp.get_context("spawn")  # fork would copy the driver's threads and CUDA state
@@ -164,6 +166,7 @@ class _Workers:
             conn.close()
         if self.groups_live:
             self.groups_live = False
+            release_graphs(self.runner)
             destroy_parallel()
         if self.saved_threads is not None:
             torch.set_num_threads(self.saved_threads)
@@ -207,6 +210,7 @@ class ParallelExecutor:
             self._workers.groups_live = True  # (also if joining fails half-way: leave what was joined)
             init_parallel(store, 0, tp_size, pp_size, use_cuda)
             self.runner = make_runner(config, model_path)
+            self._workers.runner = self.runner
         except BaseException as exc:
             failure = self._workers.check(timeout=2.0)
             self.shutdown()
