@@ -33,7 +33,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def generate(path: str, tp: int = 1, pp: int = 1) -> list[list[int]]:
-    llm = LLM(path, device="cuda", dtype="float32", max_model_len=512, max_num_batched_tokens=128,
+    llm = LLM(path, device="cuda", dtype="float32", max_model_len=512, max_num_batched_tokens=128, max_num_seqs=16,
               tensor_parallel_size=tp, pipeline_parallel_size=pp, gpu_memory_utilization=0.3)
     try:
         return [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
