@@ -1,16 +1,27 @@
-"""Gumbel-max sampling in one pass over the logits.
+"""Gumbel-max sampling in one read of the logits.
 
 For each row: ``argmax_v(logits[v] * inv_temperature + g[v])`` where ``g`` is Gumbel noise derived from a hash of
-(row key, v), or plain ``argmax(logits)`` for greedy rows. The noise is computed in registers, so the kernel reads
-the logits once and writes one token per row; the torch version (``nanovllm.layers.sampler``) materialises the
-noise, a dozen passes over a ``[batch, vocab]`` int64 tensor. Both use the same hash, so they sample the same
-tokens up to float rounding in the logarithms.
+(row key, v), or plain ``argmax(logits)`` for greedy rows. The noise is computed in registers, so the logits are
+read once; the torch version (``nanovllm.layers.sampler``) materialises the noise, a dozen passes over a
+``[batch, vocab]`` int64 tensor. Both use the same hash, so they sample the same tokens up to float rounding in
+the logarithms.
+
+Two things keep it fast at every batch size. Each row's vocabulary is cut into chunks, one program each, so a
+batch of 16 rows still fills the GPU (a second tiny kernel picks each row's best chunk). And the two logarithms
+per token are the hardware's approximate ``log2``, one instruction each where the precise ``log`` is a libdevice
+routine of some twenty: it works in base 2 throughout, ``score * log2(e) = logit * inv_t * log2(e) - log2(-ln u)``,
+which has the same argmax.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+from nanovllm.kernels import INTERPRET
 
 
 @triton.jit
@@ -26,44 +37,103 @@ def _mix32(x):
 
 
 @triton.jit
-def _gumbel_argmax_kernel(
-    logits_ptr, stride_row, inv_temp_ptr, keys_ptr, random_ptr, out_ptr,
-    VOCAB: tl.constexpr, BLOCK: tl.constexpr,
+def _log2(x, INTERP: tl.constexpr):
+    if INTERP:  # the CPU interpreter has no approximate log2
+        return tl.log2(x)
+    else:
+        return libdevice.fast_log2f(x)
+
+
+@triton.jit
+def _fold_block(logits_ptr, start, scale, key, is_random, best_value, best_index,
+                VOCAB: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr):
+    """Fold tokens ``start .. start + BLOCK`` of one row into its running best (score, index)."""
+    cols = start + tl.arange(0, BLOCK)
+    mask = cols < VOCAB
+    score = tl.load(logits_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * scale
+    if is_random:
+        bits = _mix32(key * 0x01000193 + cols.to(tl.uint32))
+        uniform = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        exponential = _log2(uniform, INTERP) * -0.6931471805599453  # -ln(u)
+        score = score - _log2(exponential, INTERP)
+    score = tl.where(mask, score, float("-inf"))
+    block_best = tl.max(score, axis=0)
+    block_index = tl.argmax(score, axis=0, tie_break_left=True).to(tl.int32) + start
+    better = block_best > best_value  # strict: the earliest index wins ties, as in torch.argmax
+    return tl.where(better, block_best, best_value), tl.where(better, block_index, best_index)
+
+
+@triton.jit(do_not_specialize=["chunk_len", "num_chunks"])
+def _chunk_best_kernel(
+    logits_ptr, stride_row, inv_temp_ptr, keys_ptr, random_ptr, best_value_ptr, best_index_ptr,
+    chunk_len, num_chunks, VOCAB: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr,
 ):
+    # the chunking is a run-time value, so one compiled kernel serves every batch size
     row = tl.program_id(0)
-    inv_temp = tl.load(inv_temp_ptr + row)
+    chunk = tl.program_id(1)
+    scale = tl.load(inv_temp_ptr + row) * 1.4426950408889634  # inverse temperature, in base 2
     key = tl.load(keys_ptr + row).to(tl.uint32)
     is_random = tl.load(random_ptr + row) != 0
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     best_value = tl.full([], float("-inf"), tl.float32)
     best_index = tl.full([], 0, tl.int32)
-    for start in range(0, VOCAB, BLOCK):  # VOCAB is fixed per model: one compile
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < VOCAB
-        logits = tl.load(logits_ptr + row * stride_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        score = logits * inv_temp
-        if is_random:
-            bits = _mix32(key * 0x01000193 + cols.to(tl.uint32))
-            uniform = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-            score = score - tl.log(-tl.log(uniform))
-        score = tl.where(mask, score, float("-inf"))
-        block_best = tl.max(score, axis=0)
-        block_index = tl.argmax(score, axis=0, tie_break_left=True).to(tl.int32) + start
-        better = block_best > best_value  # strict: the earliest index wins ties, as in torch.argmax
-        best_index = tl.where(better, block_index, best_index)
-        best_value = tl.where(better, block_best, best_value)
-    tl.store(out_ptr + row, best_index.to(tl.int64))
+    first = chunk * chunk_len
+    if INTERP:  # the interpreter cannot loop over range() with run-time bounds
+        start = first
+        while start < first + chunk_len:
+            best_value, best_index = _fold_block(row_ptr, start, scale, key, is_random, best_value, best_index,
+                                                 VOCAB, BLOCK, INTERP)
+            start += BLOCK
+    else:
+        for start in range(first, first + chunk_len, BLOCK):
+            best_value, best_index = _fold_block(row_ptr, start, scale, key, is_random, best_value, best_index,
+                                                 VOCAB, BLOCK, INTERP)
+    tl.store(best_value_ptr + row * num_chunks + chunk, best_value)
+    tl.store(best_index_ptr + row * num_chunks + chunk, best_index)
+
+
+@triton.jit(do_not_specialize=["num_chunks"])
+def _pick_chunk_kernel(best_value_ptr, best_index_ptr, out_ptr, num_chunks, MAX_CHUNKS: tl.constexpr):
+    row = tl.program_id(0)
+    chunks = tl.arange(0, MAX_CHUNKS)
+    values = tl.load(best_value_ptr + row * num_chunks + chunks, mask=chunks < num_chunks, other=float("-inf"))
+    # chunks are in vocabulary order, so the first best chunk holds the earliest best index
+    first = tl.argmax(values, axis=0, tie_break_left=True)
+    tl.store(out_ptr + row, tl.load(best_index_ptr + row * num_chunks + first).to(tl.int64))
+
+
+_MAX_CHUNKS = 64
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
+def num_vocab_chunks(batch: int, vocab: int, device: torch.device, block: int = 2048) -> int:
+    """Chunks per row so that about four programs per SM run."""
+    return max(1, min(triton.cdiv(4 * _num_sms(device), batch), _MAX_CHUNKS, triton.cdiv(vocab, block)))
 
 
 def gumbel_argmax(
-    logits: torch.Tensor, inv_temperatures: torch.Tensor, keys: torch.Tensor, is_random: torch.Tensor
+    logits: torch.Tensor, inv_temperatures: torch.Tensor, keys: torch.Tensor, is_random: torch.Tensor,
+    num_chunks: int | None = None, block: int = 2048,
 ) -> torch.Tensor:
     """``logits`` ``[B, V]`` (any float dtype, last dim contiguous); returns ``[B]`` int64 token ids."""
     batch, vocab = logits.shape
     assert logits.stride(-1) == 1
     out = torch.empty(batch, dtype=torch.int64, device=logits.device)
-    if batch:
-        _gumbel_argmax_kernel[(batch,)](
-            logits, logits.stride(0), inv_temperatures.float().contiguous(), keys.contiguous(),
-            is_random.to(torch.int8).contiguous(), out, VOCAB=vocab, BLOCK=2048, num_warps=8,
-        )
+    if not batch:
+        return out
+    num_chunks = min(num_chunks or num_vocab_chunks(batch, vocab, logits.device, block), _MAX_CHUNKS)
+    chunk_len = triton.cdiv(triton.cdiv(vocab, num_chunks), block) * block
+    num_chunks = triton.cdiv(vocab, chunk_len)  # rounding the chunk up to whole blocks may leave fewer
+    best_value = torch.empty(batch, num_chunks, dtype=torch.float32, device=logits.device)
+    best_index = torch.empty(batch, num_chunks, dtype=torch.int32, device=logits.device)
+    _chunk_best_kernel[(batch, num_chunks)](
+        logits, logits.stride(0), inv_temperatures.float().contiguous(), keys.contiguous(),
+        is_random.to(torch.int8).contiguous(), best_value, best_index, chunk_len, num_chunks,
+        VOCAB=vocab, BLOCK=block, INTERP=INTERPRET, num_warps=8,
+    )
+    _pick_chunk_kernel[(batch,)](best_value, best_index, out, num_chunks, MAX_CHUNKS=_MAX_CHUNKS, num_warps=1)
     return out

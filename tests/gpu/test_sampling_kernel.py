@@ -39,3 +39,19 @@ def test_gumbel_argmax_matches_torch(dtype: torch.dtype, vocab: int) -> None:
     assert torch.equal(out[~is_random], logits.float().argmax(-1)[~is_random])
     # the two logarithm implementations may round differently; a near-tie could then flip, so allow a rare miss
     assert (out == expected).float().mean() >= 0.99
+
+
+@pytest.mark.parametrize("num_chunks", [1, 3, 7])
+def test_ties_go_to_the_earliest_token_across_chunks(num_chunks: int) -> None:
+    from nanovllm.kernels.sampling import gumbel_argmax
+
+    batch, vocab = 4, 200
+    logits = torch.zeros(batch, vocab)
+    logits[0, [5, 150]] = 3.0  # a tie between the first and the last chunk
+    logits[1, [60, 61, 199]] = 2.0
+    logits[2, 199] = 1.0  # the very last token
+    logits[3] = -1.0  # all equal: token 0
+    off = torch.zeros(batch, dtype=torch.bool)
+    out = gumbel_argmax(logits.to(DEVICE), torch.ones(batch, device=DEVICE), torch.zeros(batch, dtype=torch.int64,
+                        device=DEVICE), off.to(DEVICE), num_chunks=num_chunks, block=32).cpu()
+    assert out.tolist() == [5, 60, 199, 0]
