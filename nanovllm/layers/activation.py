@@ -3,11 +3,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nanovllm.layers.fusion import silu_and_mul
+
+def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
 
 
 class SiluAndMul(nn.Module):
-    """``silu(gate) * up`` for a tensor holding ``[gate | up]`` in its last dimension."""
+    """``silu(gate) * up`` for a tensor holding ``[gate | up]`` in its last dimension (a Triton kernel on CUDA)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return silu_and_mul(x)
+        if x.is_cuda:
+            from nanovllm.kernels.activation import silu_and_mul
+
+            return silu_and_mul(x)
+        return silu_and_mul_reference(x)

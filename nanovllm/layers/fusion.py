@@ -1,10 +1,11 @@
 """Small elementwise functions compiled into fused kernels on CUDA.
 
-A decode step of a 28-layer model runs its norms and gated activation as hundreds of tiny kernels when written in
-plain torch (the rotary embedding has a kernel of its own, ``kernels/norm_rope.py``); each costs a few
-microseconds of device time even inside a CUDA graph. ``torch.compile`` fuses each function below into one or two
-kernels. It is used only on CUDA and only when the forward context asks for it (not with ``enforce_eager``); the
-eager function remains the reference and the fallback, taken for good if compilation fails.
+A decode step of a 28-layer model runs its norms as hundreds of tiny kernels when written in plain torch (the
+rotary embedding and the gated activation have Triton kernels of their own, ``kernels/norm_rope.py`` and
+``kernels/activation.py``); each costs a few microseconds of device time even inside a CUDA graph.
+``torch.compile`` fuses each function below into one or two kernels. It is used only on CUDA and only when the
+forward context asks for it (not with ``enforce_eager``); the eager function remains the reference and the
+fallback, taken for good if compilation fails.
 """
 from __future__ import annotations
 
@@ -60,10 +61,3 @@ def add_rms_norm(
     normed = residual.float()
     normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(dtype), residual
-
-
-@fusible
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    gate, up = x.chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up
-
