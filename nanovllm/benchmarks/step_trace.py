@@ -1,7 +1,9 @@
 """Where a benchmark's time goes, step by step, without a profiler's overhead.
 
 ``StepRecorder`` wraps one engine core's ``schedule`` and ``step`` and keeps, per step, the wall time, the host's
-share of it (the rest is waiting on the device), and what was scheduled. ``summarise`` groups the steps by kind
+share of it (the rest is waiting on the device), and what was scheduled. On CUDA it also brackets each launched
+step with two events, which tell the step's device time and how long the device sat idle before it, waiting for
+the host to queue it: with overlap scheduling the step loop's wall times mix steps, the events do not. ``summarise`` groups the steps by kind
 (steps with prefill, and decode-only steps by batch size), which shows whether the device or the host sets the
 pace where. ``JitWatch`` counts kernel compilations (Triton, and TorchDynamo recompiles) during the timed run:
 each costs up to a second of host time, and none should happen once the engine is warm.
@@ -22,6 +24,8 @@ class StepRecord:
     host_ms: float  # wall minus the time spent waiting for the device
     num_decodes: int
     num_prefill_tokens: int
+    device_ms: float = 0.0  # from the step's first queued kernel to its last one's end (CUDA only)
+    idle_ms: float = 0.0  # the device's wait for this step to be queued after the previous one ended
 
 
 class StepRecorder:
@@ -31,6 +35,22 @@ class StepRecorder:
         self._scheduled: Any = None
         self._schedule, self._step = core.scheduler.schedule, core.step
         core.scheduler.schedule, core.step = self._recording_schedule, self._recording_step
+        self._events: list[Any] = []  # per record: (start, end) CUDA events of the step it launched, or None
+        self._launched: Any = None
+        self._launch = None
+        if getattr(core.executor, "device_type", "cpu") == "cuda":
+            self._launch = core.executor.launch
+            core.executor.launch = self._recording_launch
+
+    def _recording_launch(self, sched: Any) -> Any:
+        import torch
+
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        pending = self._launch(sched)
+        end.record()
+        self._launched = (start, end)
+        return pending
 
     def _recording_schedule(self) -> Any:
         self._scheduled = self._schedule()
@@ -45,10 +65,28 @@ class StepRecorder:
         prefill = sum(c.num_tokens for c in chunks if c.start < c.request.num_prompt_tokens)
         self.records.append(StepRecord(1e3 * (stats.step_time_s - wall), 1e3 * (stats.host_time_s - host),
                                        decodes, prefill))
+        self._events.append(self._launched)
+        self._launched = None
         return result
 
     def detach(self) -> None:
+        """Restore the engine's methods and, on CUDA, read the events (after the device has finished)."""
         self.core.scheduler.schedule, self.core.step = self._schedule, self._step
+        if self._launch is None:
+            return
+        self.core.executor.launch = self._launch
+        import torch
+
+        torch.cuda.synchronize()
+        previous_end = None
+        for record, events in zip(self.records, self._events):
+            if events is None:
+                continue
+            start, end = events
+            record.device_ms = start.elapsed_time(end)
+            if previous_end is not None:
+                record.idle_ms = max(0.0, previous_end.elapsed_time(start))
+            previous_end = end
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:
@@ -68,17 +106,25 @@ def summarise(records: list[StepRecord]) -> list[dict[str, Any]]:
     rows = []
     for key, group in groups.items():
         wall = sum(r.wall_ms for r in group)
-        rows.append(dict(kind=key, steps=len(group), total_s=wall / 1e3, mean_ms=wall / len(group),
-                         mean_host_ms=sum(r.host_ms for r in group) / len(group),
-                         max_ms=max(r.wall_ms for r in group)))
+        rows.append({
+            "kind": key, "steps": len(group), "total_s": wall / 1e3, "mean_ms": wall / len(group),
+            "mean_host_ms": sum(r.host_ms for r in group) / len(group), "max_ms": max(r.wall_ms for r in group),
+            "device_s": sum(r.device_ms for r in group) / 1e3, "idle_s": sum(r.idle_ms for r in group) / 1e3,
+        })
     return rows
 
 
 def format_summary(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'steps':>16} {'count':>6} {'total s':>8} {'mean ms':>8} {'host ms':>8} {'max ms':>8}"]
+    """The table; the device columns only where events were recorded (CUDA)."""
+    with_device = any(row.get("device_s") for row in rows)
+    header = f"{'steps':>16} {'count':>6} {'total s':>8} {'mean ms':>8} {'host ms':>8} {'max ms':>8}"
+    lines = [header + (f" {'device s':>9} {'idle s':>7}" if with_device else "")]
     for row in rows:
-        lines.append(f"{row['kind']:>16} {row['steps']:>6} {row['total_s']:>8.2f} {row['mean_ms']:>8.2f} "
-                     f"{row['mean_host_ms']:>8.2f} {row['max_ms']:>8.1f}")
+        line = (f"{row['kind']:>16} {row['steps']:>6} {row['total_s']:>8.2f} {row['mean_ms']:>8.2f} "
+                f"{row['mean_host_ms']:>8.2f} {row['max_ms']:>8.1f}")
+        if with_device:
+            line += f" {row.get('device_s', 0.0):>9.2f} {row.get('idle_s', 0.0):>7.2f}"
+        lines.append(line)
     return "\n".join(lines)
 
 
