@@ -46,7 +46,7 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
 
 
 def paged_kv(seq_lens: list[int], page: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-             device: torch.device, gen: torch.Generator):
+             device: torch.device, gen: torch.Generator, head_major: bool = False):
     """Random caches holding exactly the needed pages, and a block table of shuffled pages."""
     pages = [math.ceil(s / page) for s in seq_lens]
     perm = torch.randperm(sum(pages), generator=gen)
@@ -55,9 +55,14 @@ def paged_kv(seq_lens: list[int], page: int, num_kv_heads: int, head_dim: int, d
     for i, n in enumerate(pages):
         table[i, :n] = perm[used:used + n]
         used += n
-    shape = (sum(pages), page, num_kv_heads, head_dim)
-    k = torch.randn(shape, dtype=dtype, device=device)
-    v = torch.randn(shape, dtype=dtype, device=device)
+    if head_major:  # each (page, head) holds its tokens contiguously; the kernels see the same [P, S, H, D] view
+        shape = (sum(pages), num_kv_heads, page, head_dim)
+        k = torch.randn(shape, dtype=dtype, device=device).transpose(1, 2)
+        v = torch.randn(shape, dtype=dtype, device=device).transpose(1, 2)
+    else:
+        shape = (sum(pages), page, num_kv_heads, head_dim)
+        k = torch.randn(shape, dtype=dtype, device=device)
+        v = torch.randn(shape, dtype=dtype, device=device)
     return k, v, table.to(device)
 
 
@@ -71,7 +76,8 @@ def bench_decode(args, device, dtype, copy_gbs) -> list[tuple]:
     nbytes = 2 * sum(seq_lens) * args.kv_heads * args.head_dim * elt + 2 * q.numel() * elt
     rows = []
     for page in args.pages:
-        k_cache, v_cache, table = paged_kv(seq_lens, page, args.kv_heads, args.head_dim, dtype, device, gen)
+        k_cache, v_cache, table = paged_kv(seq_lens, page, args.kv_heads, args.head_dim, dtype, device, gen,
+                                           args.head_major)
         ws = alloc_decode_workspace(args.batch, args.heads, args.head_dim, max(args.splits), device)
         for splits, block_n, warps, stages in itertools.product(args.splits, args.block_n, args.warps, args.stages):
             fn = lambda: paged_decode(q, k_cache, v_cache, table, lens, args.head_dim ** -0.5,  # noqa: E731
@@ -163,6 +169,8 @@ def main() -> None:
     p.add_argument("--prompt-min", type=int, default=512)
     p.add_argument("--prompt-max", type=int, default=2048)
     p.add_argument("--decodes", type=int, default=128, help="decode rows added to the mixed batch")
+    p.add_argument("--head-major", action="store_true",
+                   help="cache pages laid out [head, token, dim] in memory instead of [token, head, dim]")
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--skip-prefill", action="store_true")
     args = p.parse_args()
