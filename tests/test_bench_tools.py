@@ -56,3 +56,25 @@ def test_throughput_bench_accounts_for_every_step(qwen3_dir: str, tmp_path):
     assert 0 < step_seconds <= result["elapsed_s"]
     assert log.exists() and len(json.loads(log.read_text())) == result["steps"]
     assert result["output_tokens"] > 0
+
+
+def test_summarise_adds_device_and_idle_time():
+    records = [StepRecord(5.0, 1.0, 200, 0, device_ms=6.0, idle_ms=0.0),
+               StepRecord(5.0, 4.5, 200, 0, device_ms=3.0, idle_ms=1.5)]
+    (row,) = summarise(records)
+    assert row["device_s"] == 0.009 and row["idle_s"] == 0.0015
+
+
+def test_a_failed_peer_is_reported_not_measured(qwen3_dir: str, tmp_path, monkeypatch):
+    def failing_peer(*args, **kwargs):
+        raise RuntimeError("HF continuous batching returned 10 of the 100 tokens asked for")
+
+    monkeypatch.setattr(throughput, "run_hf_continuous_batching", failing_peer)
+    parser = argparse.ArgumentParser()
+    throughput.add_arguments(parser)
+    args = parser.parse_args(["--model", qwen3_dir, "--device", "cpu", "--dtype", "float32", "--num-prompts", "2",
+                              "--max-model-len", "256", "--compare-hf"])
+    result = throughput.main(args)
+    assert "10 of the 100" in result["hf_error"]
+    assert "hf_output_tok_per_s" not in result and "speedup_vs_hf" not in result
+    assert result["output_tokens"] > 0
