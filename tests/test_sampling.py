@@ -313,3 +313,14 @@ def test_min_tokens_prevents_early_stop(any_llm):
     early = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
                                                     stop_token_ids=[stop_token]), use_tqdm=False)[0]
     assert early.token_ids == [stop_token] and early.finish_reason == "stop"
+
+
+def test_uniform_noise_stays_strictly_inside_the_unit_interval():
+    """The extreme bit patterns: a uniform of exactly 1.0 (or 0.0) gives infinite Gumbel noise, and that token
+    would win whatever its logit."""
+    from nanovllm.layers.sampler import uniform_from_bits
+
+    bits = torch.tensor([0, 1, 0x1FF, 0x200, 0x7FFFFFFF, 0xFFFFFE00, 0xFFFFFFFF], dtype=torch.int64)
+    u = uniform_from_bits(bits)
+    assert bool(((u > 0) & (u < 1)).all()), u
+    assert torch.isfinite(-torch.log(-torch.log(u))).all()

@@ -6,11 +6,10 @@ read once; the torch version (``nanovllm.layers.sampler``) materialises the nois
 ``[batch, vocab]`` int64 tensor. Both use the same hash, so they sample the same tokens up to float rounding in
 the logarithms.
 
-Two things keep it fast at every batch size. Each row's vocabulary is cut into chunks, one program each, so a
-batch of 16 rows still fills the GPU (a second tiny kernel picks each row's best chunk). And the two logarithms
-per token are the hardware's approximate ``log2``, one instruction each where the precise ``log`` is a libdevice
-routine of some twenty: it works in base 2 throughout, ``score * log2(e) = logit * inv_t * log2(e) - log2(-ln u)``,
-which has the same argmax.
+Each row's vocabulary is cut into chunks, one program each, so a batch of 16 rows still fills the GPU (a second
+tiny kernel picks each row's best chunk). The scores are in base 2, ``logit * inv_t * log2(e) - log2(-ln u)``
+(the same argmax): the outer logarithm is the hardware's approximate ``log2``, one instruction where the precise
+``log`` is a libdevice routine of some twenty. The inner one stays precise (see ``_fold_block``).
 """
 from __future__ import annotations
 
@@ -37,6 +36,12 @@ def _mix32(x):
 
 
 @triton.jit
+def _uniform(bits):
+    # as nanovllm.layers.sampler.uniform_from_bits: 23 bits, so the result stays strictly below 1
+    return ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+
+
+@triton.jit
 def _log2(x, INTERP: tl.constexpr):
     if INTERP:  # the CPU interpreter has no approximate log2
         return tl.log2(x)
@@ -52,9 +57,10 @@ def _fold_block(logits_ptr, start, scale, key, is_random, best_value, best_index
     mask = cols < VOCAB
     score = tl.load(logits_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * scale
     if is_random:
-        bits = _mix32(key * 0x01000193 + cols.to(tl.uint32))
-        uniform = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-        exponential = _log2(uniform, INTERP) * -0.6931471805599453  # -ln(u)
+        uniform = _uniform(_mix32(key * 0x01000193 + cols.to(tl.uint32)))
+        # the inner log must be precise: near u = 1 (the largest noise, the likely winners) the approximate log2
+        # has no relative accuracy and could return 0; the outer one's small absolute error only nudges a score
+        exponential = -tl.log(uniform)
         score = score - _log2(exponential, INTERP)
     score = tl.where(mask, score, float("-inf"))
     block_best = tl.max(score, axis=0)
@@ -71,9 +77,10 @@ def _chunk_best_kernel(
     # the chunking is a run-time value, so one compiled kernel serves every batch size
     row = tl.program_id(0)
     chunk = tl.program_id(1)
-    scale = tl.load(inv_temp_ptr + row) * 1.4426950408889634  # inverse temperature, in base 2
     key = tl.load(keys_ptr + row).to(tl.uint32)
     is_random = tl.load(random_ptr + row) != 0
+    # inverse temperature in base 2; greedy rows stay unscaled, so their argmax is torch's to the last bit
+    scale = tl.where(is_random, tl.load(inv_temp_ptr + row) * 1.4426950408889634, 1.0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     best_value = tl.full([], float("-inf"), tl.float32)
     best_index = tl.full([], 0, tl.int32)

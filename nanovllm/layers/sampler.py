@@ -29,11 +29,16 @@ def row_keys(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     return _mix32((seeds ^ (seeds >> 32) ^ (steps * 0x9E3779B1)) & _MASK32)
 
 
+def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """32 random bits to a float32 strictly inside (0, 1). 23 of them: ``k + 0.5`` is then exact in float32, while
+    with 24 the largest ``k`` rounded up to exactly 1.0, whose Gumbel noise is infinite (that token always won)."""
+    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
+
+
 def uniform_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """``[len(keys), vocab_size]`` floats in (0, 1), a pure function of each row's key and the column."""
     columns = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
-    bits = _mix32((keys.view(-1, 1) * 0x01000193 + columns) & _MASK32)
-    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return uniform_from_bits(_mix32((keys.view(-1, 1) * 0x01000193 + columns) & _MASK32))
 
 
 @dataclass

@@ -6,7 +6,11 @@ import os
 import pytest
 import torch
 
-from nanovllm.layers.sampler import row_keys, uniform_noise
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from nanovllm.kernels.sampling import _uniform  # noqa: E402
+from nanovllm.layers.sampler import row_keys, uniform_from_bits, uniform_noise  # noqa: E402
 
 if torch.cuda.is_available():
     DEVICE = "cuda"
@@ -55,3 +59,17 @@ def test_ties_go_to_the_earliest_token_across_chunks(num_chunks: int) -> None:
     out = gumbel_argmax(logits.to(DEVICE), torch.ones(batch, device=DEVICE), torch.zeros(batch, dtype=torch.int64,
                         device=DEVICE), off.to(DEVICE), num_chunks=num_chunks, block=32).cpu()
     assert out.tolist() == [5, 60, 199, 0]
+
+
+@triton.jit
+def _uniforms_of(bits_ptr, out_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(out_ptr + i, _uniform(tl.load(bits_ptr + i).to(tl.uint32)))
+
+
+def test_kernel_uniforms_stay_strictly_inside_the_unit_interval() -> None:
+    bits = torch.tensor([0, 1, 0x1FF, 0x200, 0x7FFFFFFF, 0xFFFFFE00, 0xFFFFFFFE, 0xFFFFFFFF], dtype=torch.int64)
+    out = torch.empty(8, dtype=torch.float32, device=DEVICE)
+    _uniforms_of[(1,)](bits.to(DEVICE), out, N=8)
+    assert bool(((out > 0) & (out < 1)).all()), out
+    assert torch.equal(out.cpu(), uniform_from_bits(bits))
