@@ -24,7 +24,7 @@ import pickle
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -148,7 +148,9 @@ def init_parallel(store: dist.TCPStore, rank: int, tp_size: int, pp_size: int, u
     return groups
 
 
-def destroy_parallel() -> None:
+def destroy_parallel(release_graphs: Callable[[], None] | None = None) -> None:
+    """Leave the groups. ``release_graphs`` destroys the rank's CUDA graphs first: NCCL frees a communicator only
+    once every graph that captured one of its collectives is gone, and waits for ever otherwise."""
     global _GROUPS
     backend = _GROUPS.backend if _GROUPS is not None else None
     _GROUPS = None
@@ -164,6 +166,11 @@ def destroy_parallel() -> None:
     done = threading.Event()
 
     def abort() -> None:
+        if release_graphs is not None:
+            try:  # (in this thread too: with a peer dead, waiting for the device may never end)
+                release_graphs()
+            except Exception:
+                logger.warning("could not release the CUDA graphs before leaving the groups", exc_info=True)
         abort_nccl_groups()
         done.set()
 

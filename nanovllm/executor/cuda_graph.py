@@ -88,12 +88,12 @@ class CUDAGraphRunner:
 
     def release(self) -> None:
         """Destroy the graphs. NCCL cannot tear down a communicator while a graph that captured its collectives
-        lives (it waits for those graphs for ever), so the parallel engine calls this before leaving its groups."""
+        lives (it waits for those graphs for ever), so a parallel rank calls this before leaving its groups."""
         for graph in self.graphs.values():
             graph.reset()
         self.graphs.clear()
         self.logits.clear()
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(self.runner.device)  # named: this may run on a thread whose current device is 0
 
     def can_run(self, batch: ForwardBatch) -> bool:
         meta = batch.meta

@@ -49,7 +49,6 @@ from nanovllm.executor.worker import (
     JOINED_KEY,
     cpu_threads_per_rank,
     make_runner,
-    release_graphs,
     run_worker,
     uses_cuda,
 )
@@ -166,8 +165,7 @@ class _Workers:
             conn.close()
         if self.groups_live:
             self.groups_live = False
-            release_graphs(self.runner)
-            destroy_parallel()
+            destroy_parallel(self.runner.release_graphs if self.runner is not None else None)
         if self.saved_threads is not None:
             torch.set_num_threads(self.saved_threads)
 

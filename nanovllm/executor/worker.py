@@ -59,17 +59,6 @@ def make_runner(config: EngineConfig, model_path: str) -> Any:
     return ModelRunner(config, model_path)
 
 
-def release_graphs(runner: Any) -> None:
-    """Before a rank leaves its groups: NCCL waits for ever on a communicator whose collectives a live CUDA graph
-    captured, so the graphs go first."""
-    if runner is None:
-        return
-    try:
-        runner.release_graphs()
-    except Exception:  # a broken device must not stop the shutdown; the groups' abort has its own time bound
-        logger.warning("could not release the CUDA graphs before leaving the groups", exc_info=True)
-
-
 def run_worker(rank: int, local_rank: int, master_addr: str, master_port: int, world_size: int,
                errors: Connection | None = None, log_level: int = logging.WARNING) -> None:
     """The whole life of a worker rank. ``errors``: where a spawned worker reports why it failed."""
@@ -110,8 +99,7 @@ def run_worker(rank: int, local_rank: int, master_addr: str, master_port: int, w
                 pass
         sys.exit(1)
     finally:
-        release_graphs(runner)
-        destroy_parallel()
+        destroy_parallel(runner.release_graphs if runner is not None else None)
     logger.info("rank %d stopped", rank)
 
 
