@@ -24,7 +24,7 @@ class StepRecord:
     host_ms: float  # wall minus the time spent waiting for the device
     num_decodes: int
     num_prefill_tokens: int
-    device_ms: float = 0.0  # from the step's first queued kernel to its last one's end (CUDA only)
+    device_ms: float = 0.0  # from the start of the step's device work to its end (CUDA only)
     idle_ms: float = 0.0  # the device's wait for this step to be queued after the previous one ended
 
 
@@ -37,17 +37,20 @@ class StepRecorder:
         core.scheduler.schedule, core.step = self._recording_schedule, self._recording_step
         self._events: list[Any] = []  # per record: (start, end) CUDA events of the step it launched, or None
         self._launched: Any = None
-        self._launch = None
+        # the events bracket the runner's launch_host: the step's host arrays are built by then, so a device
+        # that waits for them counts as idle, not busy
+        self._runner = getattr(core.executor, "runner", core.executor)
+        self._launch_host = None
         if getattr(core.executor, "device_type", "cpu") == "cuda":
-            self._launch = core.executor.launch
-            core.executor.launch = self._recording_launch
+            self._launch_host = self._runner.launch_host
+            self._runner.launch_host = self._recording_launch_host
 
-    def _recording_launch(self, sched: Any) -> Any:
+    def _recording_launch_host(self, *args: Any) -> Any:
         import torch
 
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        pending = self._launch(sched)
+        pending = self._launch_host(*args)
         end.record()
         self._launched = (start, end)
         return pending
@@ -72,9 +75,9 @@ class StepRecorder:
     def detach(self) -> None:
         """Restore the engine's methods and, on CUDA, read the events (after the device has finished)."""
         self.core.scheduler.schedule, self.core.step = self._schedule, self._step
-        if self._launch is None:
+        if self._launch_host is None:
             return
-        self.core.executor.launch = self._launch
+        del self._runner.launch_host  # the instance attribute; the class's method shows through again
         import torch
 
         torch.cuda.synchronize()
