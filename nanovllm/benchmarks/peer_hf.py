@@ -49,7 +49,8 @@ def run_hf_continuous_batching(
         outputs = run(prompts, max_tokens)
         elapsed = time.perf_counter() - start
     finally:
-        torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)  # the model's memory goes with this frame (caller empties)
+        torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
+    # the model's memory goes with this frame; the caller empties the allocator's cache
     output_tokens = sum(len(o) for o in outputs)
     if output_tokens < sum(max_tokens):
         raise RuntimeError(f"HF continuous batching returned {output_tokens} of the {sum(max_tokens)} tokens asked "

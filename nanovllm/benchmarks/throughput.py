@@ -66,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--compare-hf", action="store_true",
-                        help="then run HF transformers' continuous batching on the same workload and report the ratio")
+                        help="also run HF transformers' continuous batching on the same workload (first, on the empty GPU) and "
+                             "report the ratio")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="run the timed generate under the torch profiler; print the top ops, write a trace to DIR "
                              "(use a short workload, e.g. --input-len 512 --output-len 32)")
@@ -164,7 +165,8 @@ def _fold_into_vocabulary(workload: Workload, vocab_size: int) -> None:
 
 
 def _run_peer(model: str, workload: Workload, temperature: float, device: str) -> dict:
-    """HF transformers on the same workload; a failed or short run is reported as such, never as a figure."""
+    """HF transformers on the same workload; a failed or short run is reported as such, never as a figure. (A
+    CUDA error that poisons the process would still stop our own run after it.)"""
     from transformers import AutoConfig
 
     _fold_into_vocabulary(workload, AutoConfig.from_pretrained(model).vocab_size)

@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["num_tokens"])
-def _silu_and_mul_kernel(x_ptr, out_ptr, num_tokens, stride_x, stride_out, D: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, D: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < D
@@ -24,12 +24,13 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, num_tokens, stride_x, stride_out, D: tl
 
 
 def silu_and_mul(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """``x``: ``[tokens, 2 * d]`` with contiguous rows (a row stride of its own is fine); returns ``[tokens, d]``."""
     num_tokens, width = x.shape
     assert width % 2 == 0 and x.stride(1) == 1
     d = width // 2
     out = torch.empty(num_tokens, d, dtype=x.dtype, device=x.device)
     if num_tokens:
         _silu_and_mul_kernel[(num_tokens, triton.cdiv(d, block))](
-            x, out, num_tokens, x.stride(0), out.stride(0), D=d, BLOCK=block, num_warps=4,
+            x, out, x.stride(0), out.stride(0), D=d, BLOCK=block, num_warps=4,
         )
     return out

@@ -118,7 +118,8 @@ def _num_sms(device: torch.device) -> int:
 
 
 def num_vocab_chunks(batch: int, vocab: int, device: torch.device, block: int = 2048) -> int:
-    """Chunks per row so that about four programs per SM run."""
+    """Chunks per row for about four programs per SM, at most 64 (a few rows leave SMs idle: each chunk is at
+    least ``block`` tokens, and the chunk length is rounded up to whole blocks)."""
     return max(1, min(triton.cdiv(4 * _num_sms(device), batch), _MAX_CHUNKS, triton.cdiv(vocab, block)))
 
 

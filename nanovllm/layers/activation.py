@@ -16,5 +16,5 @@ class SiluAndMul(nn.Module):
         if x.is_cuda:
             from nanovllm.kernels.activation import silu_and_mul
 
-            return silu_and_mul(x)
+            return silu_and_mul(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], x.shape[-1] // 2)
         return silu_and_mul_reference(x)
