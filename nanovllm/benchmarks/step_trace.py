@@ -3,10 +3,11 @@
 ``StepRecorder`` wraps one engine core's ``schedule`` and ``step`` and keeps, per step, the wall time, the host's
 share of it (the rest is waiting on the device), and what was scheduled. On CUDA it also brackets each launched
 step with two events, which tell the step's device time and how long the device sat idle before it, waiting for
-the host to queue it: with overlap scheduling the step loop's wall times mix steps, the events do not. ``summarise`` groups the steps by kind
-(steps with prefill, and decode-only steps by batch size), which shows whether the device or the host sets the
-pace where. ``JitWatch`` counts kernel compilations (Triton, and TorchDynamo recompiles) during the timed run:
-each costs up to a second of host time, and none should happen once the engine is warm.
+the host to queue it: with overlap scheduling the step loop's wall times mix steps, the events do not.
+``summarise`` groups the steps by kind (steps with prefill, and decode-only steps by batch size), which shows
+whether the device or the host sets the pace where. ``JitWatch`` counts kernel compilations (Triton, and
+TorchDynamo recompiles) during the timed run: each costs up to a second of host time, and none should happen once
+the engine is warm.
 """
 from __future__ import annotations
 

@@ -66,8 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--compare-hf", action="store_true",
-                        help="also run HF transformers' continuous batching on the same workload (first, on the empty GPU) and "
-                             "report the ratio")
+                        help="also run HF transformers' continuous batching on the same workload (first, on the "
+                             "empty GPU) and report the ratio")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="run the timed generate under the torch profiler; print the top ops, write a trace to DIR "
                              "(use a short workload, e.g. --input-len 512 --output-len 32)")
