@@ -3,27 +3,18 @@
 Runs on CUDA when present, else under Triton's CPU interpreter (TRITON_INTERPRET=1), else skips."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+
+from gpu import kernel_device, kernel_test_marks
 
 pytest.importorskip("triton")
 
 from nanovllm.kernels.activation import silu_and_mul  # noqa: E402
 from nanovllm.layers.activation import silu_and_mul_reference  # noqa: E402
 
-if torch.cuda.is_available():
-    DEVICE = torch.device("cuda")
-elif os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE = torch.device("cpu")
-else:
-    DEVICE = None
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(DEVICE is None, reason="needs CUDA, or TRITON_INTERPRET=1 for the CPU interpreter"),
-]
+DEVICE = kernel_device()
+pytestmark = kernel_test_marks(DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 
 import pytest
 import torch
+
+from gpu import kernel_device, kernel_test_marks
 
 pytest.importorskip("triton")
 
@@ -22,17 +23,9 @@ from nanovllm.kernels.paged_prefill import paged_prefill  # noqa: E402
 from nanovllm.layers.attention.metadata import AttentionMetadata  # noqa: E402
 from nanovllm.layers.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 
-if torch.cuda.is_available():
-    DEVICE, SMALL = torch.device("cuda"), False
-elif os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE, SMALL = torch.device("cpu"), True
-else:
-    DEVICE, SMALL = None, True
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(DEVICE is None, reason="needs CUDA, or TRITON_INTERPRET=1 for the CPU interpreter"),
-]
+DEVICE = kernel_device()
+SMALL = DEVICE is None or DEVICE.type != "cuda"  # the interpreter is slow: smaller cases
+pytestmark = kernel_test_marks(DEVICE)
 
 # bf16 keeps 8 mantissa bits: the kernel rounds P to bf16 before P@V and the output to bf16, each
 # ~2^-9 relative, so a few 1e-3 of norm-wise error is expected (seen: 3e-3..5e-3). fp16 has 3 more

@@ -7,27 +7,20 @@ inputs, and the kernel's work buffers start as NaN, so a row it never writes sho
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
+
+from gpu import kernel_device, kernel_test_marks
 
 pytest.importorskip("triton")
 
 from nanovllm.kernels.fused_moe import MoEConfig, fused_moe, moe_align  # noqa: E402
 from nanovllm.layers.moe_ops import moe_reference, select_experts  # noqa: E402
 
-if torch.cuda.is_available():
-    DEVICE, SMALL = torch.device("cuda"), False
-elif os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE, SMALL = torch.device("cpu"), True
-else:
-    DEVICE, SMALL = None, True
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(DEVICE is None, reason="needs CUDA, or TRITON_INTERPRET=1 for the CPU interpreter"),
-]
+DEVICE = kernel_device()
+SMALL = DEVICE is None or DEVICE.type != "cuda"  # the interpreter is slow: smaller cases
+pytestmark = kernel_test_marks(DEVICE)
 
 # The kernel rounds the SwiGLU activation and each weighted expert output to the input dtype (~2^-9
 # relative for bf16, 2^-12 for fp16) before the final sum; float32 uses full-precision dots.

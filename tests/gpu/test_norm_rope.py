@@ -6,27 +6,18 @@ were.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+
+from gpu import kernel_device, kernel_test_marks
 
 pytest.importorskip("triton")
 
 from nanovllm.kernels.norm_rope import norm_rope_  # noqa: E402
 from nanovllm.layers.rotary import RotaryEmbedding  # noqa: E402
 
-if torch.cuda.is_available():
-    DEVICE = torch.device("cuda")
-elif os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE = torch.device("cpu")
-else:
-    DEVICE = None
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(DEVICE is None, reason="needs CUDA, or TRITON_INTERPRET=1 for the CPU interpreter"),
-]
+DEVICE = kernel_device()
+pytestmark = kernel_test_marks(DEVICE)
 
 # bf16 rounds the normalised head, the weighted head and the output (each ~2^-9 relative): a few 1e-3 of
 # norm-wise error; fp16 has 3 more mantissa bits; fp32 only differs in summation order.

@@ -1,10 +1,10 @@
 """The one-pass Gumbel-max sampling kernel against the torch sampler's own noise."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+
+from gpu import kernel_device, kernel_test_marks
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -12,23 +12,18 @@ import triton.language as tl  # noqa: E402
 from nanovllm.kernels.sampling import _uniform  # noqa: E402
 from nanovllm.layers.sampler import row_keys, uniform_from_bits, uniform_noise  # noqa: E402
 
-if torch.cuda.is_available():
-    DEVICE = "cuda"
-elif os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE = "cpu"
-else:
-    DEVICE = None
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE is None, reason="needs CUDA or TRITON_INTERPRET=1")]
+DEVICE = kernel_device()
+ON_CPU = DEVICE is not None and DEVICE.type == "cpu"  # the interpreter: smaller cases
+pytestmark = kernel_test_marks(DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("vocab", [1000, 4099] if DEVICE == "cpu" else [1000, 151936])
+@pytest.mark.parametrize("vocab", [1000, 4099] if ON_CPU else [1000, 151936])
 def test_gumbel_argmax_matches_torch(dtype: torch.dtype, vocab: int) -> None:
     from nanovllm.kernels.sampling import gumbel_argmax
 
     generator = torch.Generator().manual_seed(vocab)
-    batch = 8 if DEVICE == "cpu" else 256
+    batch = 8 if ON_CPU else 256
     logits = (torch.randn(batch, vocab, generator=generator) * 4).to(dtype)
     keys = row_keys(torch.randint(0, 2**62, (batch,), generator=generator), torch.randint(0, 4096, (batch,)))
     temperatures = torch.rand(batch, generator=generator) * 1.5
