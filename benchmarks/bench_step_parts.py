@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from nanovllm import LLM
+from nanovllm.benchmarks.roofline import time_cuda
 from nanovllm.kernels.kv_write import store_kv
 from nanovllm.layers.attention.context import set_forward_context
 from nanovllm.layers.attention.metadata import AttentionMetadata
@@ -36,19 +37,6 @@ def graph_ms(fn: Callable[[], object]) -> float:
     fn()
     torch.cuda.synchronize()
     return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
-
-
-def events_ms(fn: Callable[[], object], reps: int = 50) -> float:
-    """Device milliseconds per call of ``fn`` (itself a graph replay), timed with events around ``reps`` calls."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def decode_meta(runner, batch: int, gen: torch.Generator) -> AttentionMetadata:
@@ -121,7 +109,7 @@ def decode_parts(runner, batch: int) -> None:
         graphs.block_tables[:batch, : meta.block_tables.shape[1]].copy_(meta.block_tables)
         graphs.slot_mapping[:batch].copy_(meta.slot_mapping)
         graphs.positions[:batch].copy_(positions)
-        replay = events_ms(graphs.graphs[batch].replay)
+        replay = 1e3 * time_cuda(graphs.graphs[batch].replay, repeats=50)  # a graph cannot be captured again
         print(f"  engine graph   {replay:.3f} ms (model + LM head), parts sum without sampler "
               f"{total - times['sampler']:.3f} ms")
 

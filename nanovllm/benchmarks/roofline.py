@@ -13,7 +13,8 @@ class DeviceCeilings:
     matmul_flops: float  # bf16 FLOP/s
 
 
-def _time_cuda(fn, repeats: int = 10) -> float:
+def time_cuda(fn, repeats: int = 10) -> float:
+    """Device seconds per call of ``fn`` after one warm-up call, from events around ``repeats`` calls."""
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -28,11 +29,11 @@ def _time_cuda(fn, repeats: int = 10) -> float:
 def measure_ceilings() -> DeviceCeilings:
     src = torch.randn(1 << 28, device="cuda", dtype=torch.float32)  # 1 GiB
     dst = torch.empty_like(src)
-    copy_s = _time_cuda(lambda: dst.copy_(src))
+    copy_s = time_cuda(lambda: dst.copy_(src))
     del src, dst
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    matmul_s = _time_cuda(lambda: a @ b)
+    matmul_s = time_cuda(lambda: a @ b)
     del a, b
     torch.cuda.empty_cache()
     return DeviceCeilings(copy_bandwidth=2 * (1 << 30) / copy_s, matmul_flops=2 * 8192**3 / matmul_s)
