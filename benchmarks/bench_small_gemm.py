@@ -12,7 +12,8 @@ import itertools
 import torch
 import triton
 import triton.language as tl
-import triton.testing
+
+from nanovllm.benchmarks.roofline import measure_ceilings, time_cuda_graph
 
 SHAPES = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072)}
 
@@ -40,17 +41,9 @@ def triton_linear(x, w, out, bm, bn, bk, warps, stages):
     return out
 
 
-def graph_us(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median")
-
-
 def main() -> None:
     device = torch.device("cuda")
-    src = torch.empty(1 << 28, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    copy_gbs = 2 * src.numel() / (triton.testing.do_bench(lambda: dst.copy_(src)) * 1e-3) / 1e9
+    copy_gbs = measure_ceilings().copy_bandwidth / 1e9
     print(f"{torch.cuda.get_device_name()}, copy {copy_gbs:,.0f} GB/s")
     configs = list(itertools.product([16, 64], [32, 64, 128], [64, 128, 256], [4], [3, 5]))
     for batch, (name, (n, k)) in itertools.product([16, 64, 256], SHAPES.items()):
@@ -58,13 +51,13 @@ def main() -> None:
         w = torch.randn(n, k, dtype=torch.bfloat16, device=device) / k**0.5
         out = torch.empty(batch, n, dtype=torch.bfloat16, device=device)
         floor = 2 * n * k / copy_gbs / 1e3
-        cublas = graph_us(lambda: torch.nn.functional.linear(x, w))
+        cublas = 1e6 * time_cuda_graph(lambda: torch.nn.functional.linear(x, w))
         best = None
         for bm, bn, bk, warps, stages in configs:
             if bm > max(16, triton.next_power_of_2(batch)):
                 continue
             try:
-                us = graph_us(lambda: triton_linear(x, w, out, bm, bn, bk, warps, stages))
+                us = 1e6 * time_cuda_graph(lambda: triton_linear(x, w, out, bm, bn, bk, warps, stages))
             except Exception:  # out of shared memory or registers for this tile
                 continue
             if best is None or us < best[0]:

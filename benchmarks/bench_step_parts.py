@@ -21,22 +21,12 @@ from collections.abc import Callable
 import torch
 
 from nanovllm import LLM
-from nanovllm.benchmarks.roofline import time_cuda
+from nanovllm.benchmarks.roofline import time_cuda, time_cuda_graph
 from nanovllm.kernels.kv_write import store_kv
 from nanovllm.layers.attention.context import set_forward_context
 from nanovllm.layers.attention.metadata import AttentionMetadata
 from nanovllm.layers.sampler import SamplingBatch
 from nanovllm.testing import write_config_only
-
-
-def graph_ms(fn: Callable[[], object]) -> float:
-    """Device milliseconds per call of ``fn``, replayed from a CUDA graph."""
-    import triton.testing
-
-    fn()
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
 
 
 def decode_meta(runner, batch: int, gen: torch.Generator) -> AttentionMetadata:
@@ -95,7 +85,7 @@ def decode_parts(runner, batch: int) -> None:
     }
     tail = {"lm_head": lambda: model.compute_logits(x), "sampler": lambda: runner.sampler(logits, sampling)}
     with set_forward_context(meta, backend, runner.compile_ops):
-        times = {name: graph_ms(fn) for name, fn in {**parts, **tail}.items()}
+        times = {name: 1e3 * time_cuda_graph(fn) for name, fn in {**parts, **tail}.items()}
     num_layers = len(model.model.layers)
     layer_ms = sum(times[name] for name in parts) - times["store_kv"]  # attention includes the store
     total = num_layers * layer_ms + times["lm_head"] + times["sampler"]

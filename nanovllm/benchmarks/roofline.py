@@ -26,6 +26,16 @@ def time_cuda(fn, repeats: int = 10) -> float:
     return start.elapsed_time(end) / 1e3 / repeats
 
 
+def time_cuda_graph(fn, repeats: int = 50) -> float:
+    """Device seconds per call of ``fn`` captured into a CUDA graph and replayed (launch cost excluded)."""
+    import triton.testing
+
+    fn()
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(fn, rep=repeats, return_mode="median") / 1e3
+
+
 def measure_ceilings() -> DeviceCeilings:
     src = torch.randn(1 << 28, device="cuda", dtype=torch.float32)  # 1 GiB
     dst = torch.empty_like(src)
