@@ -1,12 +1,21 @@
-"""Triton kernels for the GPU attention path (KV-cache write, paged decode, paged prefill/extend).
+"""Triton kernels (KV-cache write, paged decode and prefill, norm + rope, SwiGLU, fused MoE, sampling).
 
 Importing this package does not import Triton, so CPU-only code paths stay free of it; import the
-submodules (``kv_write``, ``paged_decode``, ``paged_prefill``) where the kernels are needed.
+submodules where the kernels are needed.
 """
 from __future__ import annotations
 
+import functools
 import os
+
+import torch
 
 # Triton's CPU interpreter computes bf16 ``tl.dot`` on raw bit patterns (triton-lang/triton#11584),
 # so under it the kernels upcast dot operands to fp32; on a GPU this flag is False and costs nothing.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``, which size kernel grids; 8 stands in under the interpreter."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8

@@ -13,14 +13,12 @@ tiny kernel picks each row's best chunk). The scores are in base 2, ``logit * in
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from nanovllm.kernels import INTERPRET
+from nanovllm.kernels import INTERPRET, num_sms
 
 
 @triton.jit
@@ -112,15 +110,10 @@ def _pick_chunk_kernel(best_value_ptr, best_index_ptr, out_ptr, num_chunks, MAX_
 _MAX_CHUNKS = 64
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-
-
 def num_vocab_chunks(batch: int, vocab: int, device: torch.device, block: int = 2048) -> int:
     """Chunks per row for about four programs per SM, at most 64 (a few rows leave SMs idle: each chunk is at
     least ``block`` tokens, and the chunk length is rounded up to whole blocks)."""
-    return max(1, min(triton.cdiv(4 * _num_sms(device), batch), _MAX_CHUNKS, triton.cdiv(vocab, block)))
+    return max(1, min(triton.cdiv(4 * num_sms(device), batch), _MAX_CHUNKS, triton.cdiv(vocab, block)))
 
 
 def gumbel_argmax(

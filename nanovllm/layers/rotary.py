@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 
-
 def rope_parameters(hf_config: Any) -> dict[str, Any]:
     """The rope settings under either config spelling: ``rope_parameters`` (newer) or ``rope_theta`` +
     ``rope_scaling`` (older). Returns a dict with at least ``rope_theta`` and ``rope_type``."""

@@ -11,6 +11,7 @@ import logging
 
 import torch
 
+from nanovllm.kernels import num_sms
 from nanovllm.kernels.kv_write import store_kv
 from nanovllm.kernels.paged_decode import alloc_decode_workspace, paged_decode
 from nanovllm.kernels.paged_prefill import paged_prefill
@@ -54,9 +55,8 @@ class TritonAttentionBackend(AttentionBackend):
         self.fixed_splits = num_splits
         self.max_num_splits = num_splits if num_splits is not None else max_num_splits
         device = torch.device(device)
-        num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
         # H100, 8 KV heads, context U[100, 2048]: batch 16 wanted 16 splits, 64 wanted 4, 256 wanted 1
-        self.target_programs = 8 * num_sms
+        self.target_programs = 8 * num_sms(device)
         # one workspace serves every layer: layers run one after another on the same stream
         self.workspace = alloc_decode_workspace(max_num_seqs, num_heads, head_dim, self.max_num_splits, device)
         logger.debug("triton attention: %d/%d heads, dim %d, splits %s (max %d)", num_heads, num_kv_heads,
