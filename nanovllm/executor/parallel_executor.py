@@ -274,7 +274,7 @@ class ParallelExecutor:
     def _raise_if_failed(self) -> None:
         if self._workers.stopping:
             raise RuntimeError(f"the parallel engine is shut down{self._reason()}")
-        failure = self._workers.check()
+        failure = self._workers.failure  # set by the watchdog, which waits on every worker's exit
         if failure is not None:
             self.shutdown()
             raise RuntimeError(f"the parallel engine failed: {failure}")
