@@ -24,7 +24,8 @@ class HostStager:
         self.device = device
         self.pinned = device.type == "cuda"
         self.slots = [self._allocate(initial_bytes) for _ in range(num_slots)]
-        self.copied: list[torch.cuda.Event | None] = [None] * num_slots  # recorded after each slot's last copy
+        # recorded after each slot's last copy (waiting on one never recorded returns at once)
+        self.copied = [torch.cuda.Event() for _ in range(num_slots)] if self.pinned else []
         self.next_slot = 0
 
     def _allocate(self, num_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +45,7 @@ class HostStager:
             total += -(-array.nbytes // 16) * 16
         slot = self.next_slot
         self.next_slot = (slot + 1) % len(self.slots)
-        if self.copied[slot] is not None:
+        if self.pinned:
             self.copied[slot].synchronize()  # its previous copy has left the pinned buffer
         host, device = self.slots[slot]
         if total > host.numel():  # rare: a larger batch than seen so far
@@ -55,7 +56,6 @@ class HostStager:
             host_bytes[offset : offset + array.nbytes] = array.reshape(-1).view(np.uint8)
         device[:total].copy_(host[:total], non_blocking=self.pinned)
         if self.pinned:
-            self.copied[slot] = torch.cuda.Event()
             self.copied[slot].record()
         return {
             name: device[offset : offset + array.nbytes].view(_TORCH_DTYPES[array.dtype]).view(array.shape)
