@@ -19,6 +19,11 @@ class PendingStep:
     prompt: tuple[torch.Tensor, torch.Tensor, list[tuple[str, int, int]]] | None = None
     event: torch.cuda.Event | None = None
 
+    def assign_sample_rows(self) -> None:
+        """Tell each sampled request its row in this step's tokens (the next step reads its token from there)."""
+        for row, chunk in enumerate(self.sampled_chunks):
+            chunk.request.sample_row = row
+
     def to_model_output(self) -> ModelOutput:
         out = ModelOutput(token_ids=[] if self.token_ids is None else self.token_ids.tolist())
         if self.logprobs is not None:

@@ -229,15 +229,14 @@ class ModelRunner:
         pending = PendingStep(sampled_chunks or [])
         logits, hidden = self.forward(batch)
         if batch.prompt_spans:
-            ids, values = prompt_logprobs(self.model.compute_logits(hidden[batch.prompt_rows]), batch)
+            ids, values = self.score_prompt(batch, hidden)
             if driver:
                 pending.prompt = (self._to_host(ids), self._to_host(values), batch.prompt_spans)
         if batch.sampling is not None:
             sampled = self.sampler(logits, batch.sampling)
             self.last_sampled = sampled.token_ids
             if driver:
-                for row, chunk in enumerate(sampled_chunks):
-                    chunk.request.sample_row = row
+                pending.assign_sample_rows()
                 pending.token_ids = self._tokens_to_host(sampled.token_ids)
                 if sampled.logprobs is not None:
                     pending.logprobs = (self._to_host(sampled.logprob_ids), self._to_host(sampled.logprobs))
@@ -245,6 +244,10 @@ class ModelRunner:
             pending.event = torch.cuda.Event()
             pending.event.record()
         return pending
+
+    def score_prompt(self, batch: ForwardBatch, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logprobs of the prompt tokens this step scores (echo / prompt_logprobs), from their rows' hidden states."""
+        return prompt_logprobs(self.model.compute_logits(hidden[batch.prompt_rows]), batch)
 
     def collect(self, pending: PendingStep) -> ModelOutput:
         """Wait for a launched step and turn its results into lists."""

@@ -31,7 +31,7 @@ from nanovllm.config import EngineConfig
 from nanovllm.distributed.groups import ParallelGroups, get_parallel_groups
 from nanovllm.engine.scheduler import ModelOutput
 from nanovllm.executor.input_batch import HostBatch, to_forward_batch
-from nanovllm.executor.logprobs import PendingStep, prompt_logprobs
+from nanovllm.executor.logprobs import PendingStep
 from nanovllm.executor.model_runner import ModelRunner
 from nanovllm.models.registry import get_model_class
 
@@ -206,8 +206,7 @@ class PipelineStageRunner(ModelRunner):
             tokens = receive((num_rows,), torch.int64)
             self._token_receives.append((pending.works[-1], tokens))
             if driver:
-                for row, chunk in enumerate(pending.sampled_chunks):
-                    chunk.request.sample_row = row
+                pending.assign_sample_rows()
                 pending.token_ids = tokens
                 if host.num_logprobs >= 0:
                     shape = (num_rows, host.num_logprobs + 1)
@@ -228,7 +227,7 @@ class PipelineStageRunner(ModelRunner):
                 dist.send(sampled.logprob_ids.to(torch.int64).contiguous(), dst=0)
                 dist.send(sampled.logprobs.float().contiguous(), dst=0)
         if batch.prompt_spans:  # every rank of the stage takes part in the LM head's all-gather
-            ids, values = prompt_logprobs(self.model.compute_logits(hidden[batch.prompt_rows]), batch)
+            ids, values = self.score_prompt(batch, hidden)
             if to_driver:
                 dist.send(ids.to(torch.int64).contiguous(), dst=0)
                 dist.send(values.float().contiguous(), dst=0)
