@@ -74,22 +74,26 @@ def bench_decode(args, device, dtype, copy_gbs) -> list[tuple]:
     out = torch.empty_like(q)
     elt = q.element_size()
     nbytes = 2 * sum(seq_lens) * args.kv_heads * args.head_dim * elt + 2 * q.numel() * elt
+    # "batch": programs start in batch order; "longest": longest contexts first, as the engine runs it
+    orders = {"batch": None, "longest": torch.argsort(lens, descending=True, stable=True).to(torch.int32)}
     rows = []
     for page in args.pages:
         k_cache, v_cache, table = paged_kv(seq_lens, page, args.kv_heads, args.head_dim, dtype, device, gen,
                                            args.head_major)
         ws = alloc_decode_workspace(args.batch, args.heads, args.head_dim, max(args.splits), device)
-        for splits, block_n, warps, stages in itertools.product(args.splits, args.block_n, args.warps, args.stages):
+        for splits, block_n, warps, stages, order in itertools.product(args.splits, args.block_n, args.warps,
+                                                                       args.stages, args.order):
             fn = lambda: paged_decode(q, k_cache, v_cache, table, lens, args.head_dim ** -0.5,  # noqa: E731
                                       num_splits=splits, workspace=ws, out=out, block_n=block_n,
-                                      num_warps=warps, num_stages=stages)
+                                      num_warps=warps, num_stages=stages, order=orders[order])
+            config = ("decode", page, splits, block_n, warps, stages, order)
             try:
                 ms = bench(fn, device)
             except Exception as e:  # a config that does not compile (shared memory) is a row, not a crash
-                rows.append(("decode", page, splits, block_n, warps, stages, float("nan"), 0.0, 0.0, type(e).__name__))
+                rows.append((*config, float("nan"), 0.0, 0.0, type(e).__name__))
                 continue
             gbs = nbytes / ms / 1e6
-            rows.append(("decode", page, splits, block_n, warps, stages, ms * 1e3, gbs, gbs / copy_gbs, ""))
+            rows.append((*config, ms * 1e3, gbs, gbs / copy_gbs, ""))
         del k_cache, v_cache
     return rows
 
@@ -165,6 +169,8 @@ def main() -> None:
     p.add_argument("--block-m", type=int, nargs="+", default=[64])
     p.add_argument("--warps", type=int, nargs="+", default=[4])
     p.add_argument("--stages", type=int, nargs="+", default=[2])
+    p.add_argument("--order", nargs="+", choices=["batch", "longest"], default=["batch", "longest"],
+                   help="decode programs start in batch order, or longest context first")
     p.add_argument("--prompts", type=int, default=8, help="fresh prompts in the prefill batches")
     p.add_argument("--prompt-min", type=int, default=512)
     p.add_argument("--prompt-max", type=int, default=2048)
@@ -191,9 +197,11 @@ def main() -> None:
 
     print(f"\npaged_decode: batch {args.batch}, heads {args.heads}/{args.kv_heads}, dim {args.head_dim}, "
           f"context U[{args.min_ctx}, {args.max_ctx}]")
-    print(f"{'page':>5} {'splits':>6} {'blk_n':>5} {'warps':>5} {'stages':>6} {'us':>9} {'GB/s':>7} {'of copy':>7}")
-    for _, page, splits, block_n, warps, stages, us, gbs, frac, note in decode_rows:
-        print(f"{page:>5} {splits:>6} {block_n:>5} {warps:>5} {stages:>6} {us:>9.1f} {gbs:>7.0f} {frac:>7.0%} {note}")
+    print(f"{'page':>5} {'splits':>6} {'blk_n':>5} {'warps':>5} {'stages':>6} {'order':>7} {'us':>9} {'GB/s':>7} "
+          f"{'of copy':>7}")
+    for _, page, splits, block_n, warps, stages, order, us, gbs, frac, note in decode_rows:
+        print(f"{page:>5} {splits:>6} {block_n:>5} {warps:>5} {stages:>6} {order:>7} {us:>9.1f} {gbs:>7.0f} "
+              f"{frac:>7.0%} {note}")
     print(f"\npaged_prefill: {args.prompts} prompts U[{args.prompt_min}, {args.prompt_max}] "
           f"(+{args.decodes} decodes in 'mixed'), page {args.pages[0]}")
     print(f"{'batch':>13} {'blk_m':>5} {'blk_n':>5} {'warps':>5} {'us':>9} {'TFLOP/s':>7}")

@@ -40,6 +40,8 @@ class CUDAGraphRunner:
         self.seq_lens = torch.ones(max_batch_size, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(max_batch_size, max_pages, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(max_batch_size + 1, dtype=torch.int32, device=device)
+        self.decode_order = torch.arange(max_batch_size, dtype=torch.int32, device=device)
+        self.row_ids = torch.arange(max_batch_size, dtype=torch.int32, device=device)
         self.max_model_len = max_model_len
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -52,6 +54,7 @@ class CUDAGraphRunner:
             block_tables=self.block_tables[:batch_size],
             max_query_len=1,
             max_seq_len=self.max_model_len,
+            decode_order=self.decode_order[:batch_size],
         )
 
     def _forward(self, batch_size: int, meta: AttentionMetadata) -> torch.Tensor:
@@ -113,5 +116,8 @@ class CUDAGraphRunner:
         width = meta.block_tables.shape[1]
         self.block_tables[:size, :width].copy_(meta.block_tables)
         self.block_tables[size:bucket].zero_()
+        order = meta.decode_order if meta.decode_order is not None else self.row_ids[:size]
+        self.decode_order[:size].copy_(order)
+        self.decode_order[size:bucket].copy_(self.row_ids[size:bucket])  # padding rows (length 1) last
         self.graphs[bucket].replay()
         return self.logits[bucket][:size], None

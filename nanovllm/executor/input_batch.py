@@ -94,11 +94,14 @@ def build_host_batch(sched: SchedulerOutput, block_size: int, vocab_size: int) -
     )
     logits_indices = query_start_loc[1:][sampled_rows] - 1
 
+    seq_lens_array = np.asarray(seq_lens, dtype=np.int32)
     arrays = {
         "input_ids": input_ids, "positions": positions, "slot_mapping": slot_mapping,
-        "query_start_loc": query_start_loc, "seq_lens": np.asarray(seq_lens, dtype=np.int32),
+        "query_start_loc": query_start_loc, "seq_lens": seq_lens_array,
         "block_tables": block_tables, "logits_indices": logits_indices,
     }
+    if len(input_ids) == len(chunks):  # decode only: start the longest contexts' attention first
+        arrays["decode_order"] = np.argsort(-seq_lens_array, kind="stable").astype(np.int32)
     if pending_rows:
         arrays["pending_rows"] = np.asarray(pending_rows, dtype=np.int64)
         arrays["pending_sources"] = np.asarray(pending_sources, dtype=np.int64)
@@ -122,6 +125,7 @@ def to_forward_batch(host: HostBatch, stager: HostStager) -> ForwardBatch:
         block_tables=on_device["block_tables"],
         max_query_len=max(host.query_lens),
         max_seq_len=max(host.seq_lens),
+        decode_order=on_device.get("decode_order"),
         query_lens_cpu=host.query_lens,
         seq_lens_cpu=host.seq_lens,
     )

@@ -1,12 +1,17 @@
 """Paged decode attention (one query token per sequence), flash-decoding style.
 
-Grid ``(batch, num_kv_heads, num_splits)``. Each program owns a contiguous, page-aligned slice of one
+Grid ``(num_kv_heads, batch, num_splits)``. Each program owns a contiguous, page-aligned slice of one
 sequence's KV (``ceil(num_pages / num_splits)`` pages, so long and short sequences split evenly) and
 attends all query heads of its GQA group at once: they form a ``[GROUP_PAD, head_dim]`` block (padded to
 16 rows for ``tl.dot``), so every KV tile is read once per KV head. Online softmax in fp32 with exp2.
 Each split writes a normalised partial output and its log2-sum-exp; a second kernel merges the splits.
 With one split the first kernel writes the final output directly. ``num_splits`` is a launch constant,
 so the grid and workspaces depend only on shapes and the launch replays under CUDA graphs.
+
+The GPU starts programs roughly in grid order, and a batch's contexts differ by 10x or more: started in batch
+order, a few long sequences can be the last programs running on an otherwise idle GPU. An optional ``order``
+(the rows longest first, made on the host) starts the longest first, so the short ones fill in the tail. The KV
+heads of one sequence are neighbours in the grid, so their reads of the same pages fall together.
 """
 from __future__ import annotations
 
@@ -68,7 +73,7 @@ def _decode_tile(
 
 @triton.jit(do_not_specialize=["stride_btb"])  # the block table's width changes from step to step
 def _paged_decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, order_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
     qk_scale,  # softmax scale * log2(e)
     stride_qb, stride_qh, stride_qd,
@@ -79,11 +84,13 @@ def _paged_decode_kernel(
     stride_pb, stride_ph, stride_ps, stride_pd,
     stride_lb, stride_lh, stride_ls,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_ORDER: tl.constexpr,
     INTERP: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
+    kvh = tl.program_id(0)
+    b = tl.program_id(1)
+    if HAS_ORDER:
+        b = tl.load(order_ptr + b)
     split = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + b)
@@ -184,10 +191,13 @@ def paged_decode(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of ``q [B, Hq, D]`` (one token per sequence) over each sequence's paged KV.
 
     ``block_tables [B, P]`` int32 page ids, ``seq_lens [B]`` int32 KV lengths (0 gives a zero row).
+    ``order [B]`` int32, a permutation of the rows: the order in which their programs start (longest first
+    balances the SMs); the output is the same whatever it is.
     ``workspace`` from ``alloc_decode_workspace`` with at least ``B`` rows and ``num_splits`` splits;
     allocated here when omitted. ``block_n`` is the KV tile (tokens per loop step); the default
     was the fastest on an H100 at batch 256 (128 unsplit, 64 split).
@@ -199,6 +209,7 @@ def paged_decode(
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two >= 16"
     assert page_size & (page_size - 1) == 0, "block_size must be a power of two"
     assert block_tables.shape[0] == batch and seq_lens.shape == (batch,)
+    assert order is None or order.shape == (batch,)
     assert num_splits >= 1
     if out is None:
         out = torch.empty_like(q)
@@ -221,13 +232,15 @@ def paged_decode(
     po_strides = part_out.stride() if num_splits > 1 else (0, 0, 0, 0)
     lse_strides = part_lse.stride() if num_splits > 1 else (0, 0, 0)
 
-    _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
+    _paged_decode_kernel[(num_kv_heads, batch, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, order if order is not None else seq_lens,
+        out, part_out, part_lse,
         scale * LOG2E,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         *po_strides, *lse_strides,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        PAGE_SIZE=page_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, INTERP=INTERPRET,
+        PAGE_SIZE=page_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, HAS_ORDER=order is not None,
+        INTERP=INTERPRET,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:

@@ -187,6 +187,26 @@ def test_paged_decode_zero_length_rows():
         assert rel_err(out[[1, 3]], ref) < RTOL[torch.float16]
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_paged_decode_start_order_does_not_change_the_output(num_splits):
+    """``order`` only changes which programs start first: any permutation gives the same bits."""
+    gen = torch.Generator().manual_seed(11 + num_splits)
+    page, head_dim, group = 16, 64, 2
+    seq_lens = decode_lens(page)
+    k_cache, v_cache, table = make_paged_kv(seq_lens, page, head_dim, torch.bfloat16, gen)
+    q = torch.randn(len(seq_lens), NUM_KV_HEADS * group, head_dim, generator=gen).to(torch.bfloat16)
+    q_d, kc_d, vc_d, table_d = to_dev(q, k_cache, v_cache, table)
+    lens_d = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    plain = paged_decode(q_d, kc_d, vc_d, table_d, lens_d, 0.125, num_splits=num_splits)
+    longest_first = torch.argsort(lens_d, descending=True, stable=True).to(torch.int32)
+    shuffled = torch.randperm(len(seq_lens), generator=gen).to(device=DEVICE, dtype=torch.int32)
+    for order in (longest_first, shuffled):
+        out = paged_decode(q_d, kc_d, vc_d, table_d, lens_d, 0.125, num_splits=num_splits, order=order)
+        assert torch.equal(out, plain)
+    ref = reference_attention(q, k_cache, v_cache, table, seq_lens, [1] * len(seq_lens), 0.125)
+    check_close(plain, ref, [1] * len(seq_lens), torch.bfloat16)
+
+
 # ---------------------------------------------------------------- prefill / extend / mixed
 
 
@@ -261,6 +281,7 @@ def run_backend_step(seq_lens, q_lens, page, head_dim, group, dtype, gen):
     backend = TritonAttentionBackend(num_heads, NUM_KV_HEADS, head_dim, max_num_seqs=8, device=DEVICE)
     if meta.is_decode_only:  # decode rows are one per sequence: drop the padding rows
         q_d, k_d, v_d, meta.slot_mapping = q_d[:num_tokens], k_d[:num_tokens], v_d[:num_tokens], slots_d[:num_tokens]
+        meta.decode_order = torch.argsort(meta.seq_lens, descending=True, stable=True).to(torch.int32)
     backend.prepare(meta)
     out = backend.forward(q_d, k_d, v_d, kc_d, vc_d, meta, scale)
     return out[:num_tokens], ref, (kc_d, vc_d), (want_k, want_v)

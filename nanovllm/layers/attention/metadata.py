@@ -24,6 +24,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [batch, max_pages] int32, page ids (unused entries are arbitrary)
     max_query_len: int
     max_seq_len: int
+    # decode-only batches: the rows longest first, the order in which the decode kernel starts them
+    decode_order: torch.Tensor | None = None  # [batch] int32
     # host copies, so reference code can loop without a device sync
     query_lens_cpu: list[int] | None = None
     seq_lens_cpu: list[int] | None = None

@@ -86,6 +86,6 @@ class TritonAttentionBackend(AttentionBackend):
             num_splits = self.num_splits_for(batch)
             workspace = self.workspace if batch <= self.max_num_seqs else None  # fallback allocates
             return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                                num_splits=num_splits, workspace=workspace)
+                                num_splits=num_splits, workspace=workspace, order=meta.decode_order)
         return paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                              meta.query_start_loc, scale)
