@@ -41,6 +41,7 @@ def decode_meta(runner, batch: int, gen: torch.Generator) -> AttentionMetadata:
         slot_mapping=slots.to(device), query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device=device),
         seq_lens=seq_lens.to(device), block_tables=pages.to(torch.int32).to(device), max_query_len=1,
         max_seq_len=int(seq_lens.max()),
+        decode_order=torch.argsort(seq_lens, descending=True, stable=True).to(torch.int32).to(device),
     )
 
 
@@ -99,6 +100,7 @@ def decode_parts(runner, batch: int) -> None:
         graphs.block_tables[:batch, : meta.block_tables.shape[1]].copy_(meta.block_tables)
         graphs.slot_mapping[:batch].copy_(meta.slot_mapping)
         graphs.positions[:batch].copy_(positions)
+        graphs.decode_order[:batch].copy_(meta.decode_order)
         replay = 1e3 * time_cuda(graphs.graphs[batch].replay, repeats=50)  # a graph cannot be captured again
         print(f"  engine graph   {replay:.3f} ms (model + LM head), parts sum without sampler "
               f"{total - times['sampler']:.3f} ms")
