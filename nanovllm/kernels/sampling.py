@@ -9,7 +9,9 @@ the logarithms.
 Each row's vocabulary is cut into chunks, one program each, so a batch of 16 rows still fills the GPU (a second
 tiny kernel picks each row's best chunk). The scores are in base 2, ``logit * inv_t * log2(e) - log2(-ln u)``
 (the same argmax): the outer logarithm is the hardware's approximate ``log2``, one instruction where the precise
-``log`` is a libdevice routine of some twenty. The inner one stays precise (see ``_fold_block``).
+``log`` is a libdevice routine of some twenty. The inner one, ``-ln u``, needs relative accuracy near ``u = 1``
+(the largest noise, the likely winners), which the approximate ``log2`` lacks there; ``_exponential`` gets it from
+a short series in ``1 - u``, which the bits give exactly (see there).
 """
 from __future__ import annotations
 
@@ -40,6 +42,18 @@ def _uniform(bits):
 
 
 @triton.jit
+def _exponential(bits, INTERP: tl.constexpr):
+    """``-ln u`` for ``u = _uniform(bits)``, to a few parts in a million relative. ``t = 1 - u`` is exact (both are
+    ``(j + 0.5) / 2^23``); below 1/16 the series ``t + t^2/2 + ... + t^5/5`` of ``-ln(1 - t)`` is accurate to
+    ``t^5 / 6`` relative, and above it ``u <= 15/16`` keeps ``log2 u`` far enough from 0 for the approximate
+    ``log2``."""
+    u = _uniform(bits)
+    t = ((8388607 - (bits >> 9)).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+    series = t * (1.0 + t * (0.5 + t * (1.0 / 3.0 + t * (0.25 + t * 0.2))))
+    return tl.where(t < 0.0625, series, -0.6931471805599453 * _log2(u, INTERP))
+
+
+@triton.jit
 def _log2(x, INTERP: tl.constexpr):
     if INTERP:  # the CPU interpreter has no approximate log2
         return tl.log2(x)
@@ -55,10 +69,8 @@ def _fold_block(logits_ptr, start, scale, key, is_random, best_value, best_index
     mask = cols < VOCAB
     score = tl.load(logits_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * scale
     if is_random:
-        uniform = _uniform(_mix32(key * 0x01000193 + cols.to(tl.uint32)))
-        # the inner log must be precise: near u = 1 (the largest noise, the likely winners) the approximate log2
-        # has no relative accuracy and could return 0; the outer one's small absolute error only nudges a score
-        exponential = -tl.log(uniform)
+        exponential = _exponential(_mix32(key * 0x01000193 + cols.to(tl.uint32)), INTERP)
+        # the outer log2's small absolute error only nudges a score
         score = score - _log2(exponential, INTERP)
     score = tl.where(mask, score, float("-inf"))
     block_best = tl.max(score, axis=0)

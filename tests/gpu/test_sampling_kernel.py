@@ -1,6 +1,8 @@
 """The one-pass Gumbel-max sampling kernel against the torch sampler's own noise."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from gpu import kernel_device, kernel_test_marks
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from nanovllm.kernels.sampling import _uniform  # noqa: E402
+from nanovllm.kernels.sampling import _exponential, _uniform  # noqa: E402
 from nanovllm.layers.sampler import row_keys, uniform_from_bits, uniform_noise  # noqa: E402
 
 DEVICE = kernel_device()
@@ -68,3 +70,26 @@ def test_kernel_uniforms_stay_strictly_inside_the_unit_interval() -> None:
     _uniforms_of[(1,)](bits.to(DEVICE), out, N=8)
     assert bool(((out > 0) & (out < 1)).all()), out
     assert torch.equal(out.cpu(), uniform_from_bits(bits))
+
+
+@triton.jit
+def _exponentials_of(bits_ptr, out_ptr, N: tl.constexpr, INTERP: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(out_ptr + i, _exponential(tl.load(bits_ptr + i).to(tl.uint32), INTERP))
+
+
+def test_kernel_exponential_noise_is_accurate_near_u_equal_one() -> None:
+    """``-ln u`` to a few parts in a million relative, where it matters most: u next to 1 (tiny values, the
+    largest Gumbel noise), around the switch between series and logarithm (1 - u = 1/16), and across (0, 1)."""
+    from nanovllm.kernels import INTERPRET
+
+    top = (1 << 23) - 1
+    ks = [top, top - 1, top - 2, top - 100, top - (1 << 19) + 1, top - (1 << 19), top - (1 << 19) - 1,
+          1 << 22, 12345, 1, 0]
+    ks += torch.randint(0, 1 << 23, (53,), generator=torch.Generator().manual_seed(5)).tolist()
+    bits = torch.tensor([(k << 9) | 0x155 for k in ks], dtype=torch.int64)  # the low 9 bits are ignored
+    out = torch.empty(len(ks), dtype=torch.float32, device=DEVICE)
+    _exponentials_of[(1,)](bits.to(DEVICE), out, N=len(ks), INTERP=INTERPRET)
+    expected = torch.tensor([-math.log((k + 0.5) / (1 << 23)) for k in ks], dtype=torch.float64)
+    relative = ((out.cpu().double() - expected) / expected).abs()
+    assert relative.max().item() < 5e-6, (ks[int(relative.argmax())], relative.max().item())
