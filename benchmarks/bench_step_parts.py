@@ -22,9 +22,8 @@ import torch
 
 from nanovllm import LLM
 from nanovllm.benchmarks.roofline import time_cuda, time_cuda_graph
-from nanovllm.kernels.kv_write import store_kv
 from nanovllm.layers.attention.context import set_forward_context
-from nanovllm.layers.attention.metadata import AttentionMetadata
+from nanovllm.layers.attention.metadata import AttentionMetadata, KVWrite
 from nanovllm.layers.sampler import SamplingBatch
 from nanovllm.testing import write_config_only
 
@@ -62,6 +61,7 @@ def decode_parts(runner, batch: int) -> None:
     q3 = q.view(-1, attn.num_heads, attn.head_dim)
     k3 = k.view(-1, attn.num_kv_heads, attn.head_dim)
     v3 = v.view(-1, attn.num_kv_heads, attn.head_dim)
+    kv_write = KVWrite(v3, attn.attn.k_cache, attn.attn.v_cache, meta.slot_mapping)
     o_in = torch.randn(batch, attn.num_heads * attn.head_dim, device=device, dtype=dtype)
     gate_up = layer.mlp.gate_up_proj(x)
     act = layer.mlp.act_fn(gate_up)
@@ -75,9 +75,9 @@ def decode_parts(runner, batch: int) -> None:
     parts: dict[str, Callable[[], object]] = {
         "add_rms_norm": lambda: layer.input_layernorm(x, residual),
         "qkv_proj": lambda: attn.qkv_proj(x),
-        "norm_rope": lambda: attn.rotary_emb(positions, q3, k3, (attn.q_norm, attn.k_norm)),
-        "store_kv": lambda: store_kv(k3, v3, attn.attn.k_cache, attn.attn.v_cache, meta.slot_mapping),
-        "attention": lambda: backend.forward(q3, k3, v3, attn.attn.k_cache, attn.attn.v_cache, meta, attn.attn.scale),
+        # as in the engine: the rotary kernel also writes the new K/V into the cache
+        "norm_rope_kv": lambda: attn.rotary_emb(positions, q3, k3, (attn.q_norm, attn.k_norm), kv_write),
+        "attention": lambda: backend.attend(q3, attn.attn.k_cache, attn.attn.v_cache, meta, attn.attn.scale),
         "o_proj": lambda: attn.o_proj(o_in),
         "post_norm": lambda: layer.post_attention_layernorm(x, residual),
         "gate_up_proj": lambda: layer.mlp.gate_up_proj(x),
@@ -88,7 +88,7 @@ def decode_parts(runner, batch: int) -> None:
     with set_forward_context(meta, backend, runner.compile_ops):
         times = {name: 1e3 * time_cuda_graph(fn) for name, fn in {**parts, **tail}.items()}
     num_layers = len(model.model.layers)
-    layer_ms = sum(times[name] for name in parts) - times["store_kv"]  # attention includes the store
+    layer_ms = sum(times[name] for name in parts)
     total = num_layers * layer_ms + times["lm_head"] + times["sampler"]
     print(f"\n== decode, batch {batch} (contexts U[100, 2048), mean {meta.seq_lens.float().mean():.0f})")
     for name, ms in times.items():

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from nanovllm.layers.attention.metadata import KVWrite
+
 
 def rope_parameters(hf_config: Any) -> dict[str, Any]:
     """The rope settings under either config spelling: ``rope_parameters`` (newer) or ``rope_theta`` +
@@ -57,17 +59,21 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", cos_sin.to(device), persistent=False)
 
     def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, norms: tuple[Any, Any] | None = None
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, norms: tuple[Any, Any] | None = None,
+        kv_write: KVWrite | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate ``q``/``k`` (``[num_tokens, num_heads, head_dim]``), first normalising each head with ``norms``
-        (QK-norm: two ``RMSNorm`` of ``head_dim``) if given. On CUDA both happen in place in one kernel."""
+        (QK-norm: two ``RMSNorm`` of ``head_dim``) if given. On CUDA both happen in place in one kernel, which
+        with ``kv_write`` (CUDA only) also writes the rotated k and the v into the paged KV cache."""
         if q.is_cuda:
             from nanovllm.kernels.norm_rope import norm_rope_
 
             if norms is None:
-                return norm_rope_(positions, q, k, self.cos_sin_cache)
+                return norm_rope_(positions, q, k, self.cos_sin_cache, kv_write=kv_write)
             q_norm, k_norm = norms
-            return norm_rope_(positions, q, k, self.cos_sin_cache, q_norm.weight, k_norm.weight, q_norm.eps)
+            return norm_rope_(positions, q, k, self.cos_sin_cache, q_norm.weight, k_norm.weight, q_norm.eps,
+                              kv_write=kv_write)
+        assert kv_write is None, "the KV write is fused into the rotary kernel on CUDA only"
         if norms is not None:
             q, k = norms[0](q), norms[1](k)
         cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)

@@ -39,11 +39,8 @@ class Qwen3Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
         norms = (self.q_norm, self.k_norm) if self.qk_norm else None
-        q, k = self.rotary_emb(positions, q, k, norms)
-        return self.o_proj(self.attn(q, k, v))
+        return self.o_proj(self.attn(positions, q, k, v, self.rotary_emb, norms))
 
 
 class Qwen3MLP(nn.Module):

@@ -14,6 +14,7 @@ from gpu import kernel_device, kernel_test_marks
 pytest.importorskip("triton")
 
 from nanovllm.kernels.norm_rope import norm_rope_  # noqa: E402
+from nanovllm.layers.attention.metadata import KVWrite  # noqa: E402
 from nanovllm.layers.rotary import RotaryEmbedding  # noqa: E402
 
 DEVICE = kernel_device()
@@ -76,3 +77,39 @@ def test_no_tokens_is_a_no_op():
     q, k = torch.empty(0, 4, 64, device=DEVICE), torch.empty(0, 2, 64, device=DEVICE)
     out_q, out_k = norm_rope_(torch.empty(0, dtype=torch.int64, device=DEVICE), q, k, rope.cos_sin_cache)
     assert out_q.shape == (0, 4, 64) and out_k.shape == (0, 2, 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("num_k_heads,page", [(8, 16), (3, 5)])  # 3 heads: padded to 4; page 5: no power of two
+def test_writes_rotated_k_and_v_into_the_cache(dtype, norm, num_k_heads, page):
+    """The KV write fused in: each token's rotated k (bit for bit what it leaves in place) and its v land in its
+    slot; padding rows (slot -1) and every other slot stay as they were."""
+    generator = torch.Generator().manual_seed(num_k_heads * 100 + page + norm)
+    head_dim, num_q_heads, num_tokens, num_blocks = 64, 2 * num_k_heads, 21, 12
+    rope = RotaryEmbedding(head_dim, 4096, {"rope_theta": 1e6, "rope_type": "default"}).to(DEVICE)
+    qkv = torch.randn(num_tokens, (num_q_heads + 2 * num_k_heads) * head_dim, generator=generator).to(dtype)
+    q, k, v = [t.view(num_tokens, -1, head_dim) for t in qkv.to(DEVICE).split(
+        [num_q_heads * head_dim, num_k_heads * head_dim, num_k_heads * head_dim], dim=-1)]
+    slots = torch.randperm(num_blocks * page, generator=generator)[:num_tokens]
+    slots[::5] = -1  # padding rows
+    shape = (num_blocks, page, num_k_heads, head_dim)
+    k_cache, v_cache = torch.randn(shape, generator=generator).to(dtype), torch.randn(shape, generator=generator).to(dtype)
+    want_v = v_cache.clone()
+    positions = torch.randint(0, 4096, (num_tokens,), generator=generator).to(DEVICE)
+    weights = [(1 + 0.5 * torch.randn(head_dim, generator=generator)).to(dtype).to(DEVICE) for _ in range(2)]
+    q_weight, k_weight = weights if norm else (None, None)
+    kv_write = KVWrite(v, k_cache.to(DEVICE), v_cache.to(DEVICE), slots.to(DEVICE))
+    k_before = k.clone()
+
+    norm_rope_(positions, q, k, rope.cos_sin_cache, q_weight, k_weight, 1e-6, kv_write=kv_write)
+
+    want_k = k_cache.clone()
+    expected_k = reference(positions, k_before, rope.cos_sin_cache, k_weight, 1e-6).cpu()
+    assert relative_error(k.cpu(), expected_k) < RTOL[dtype]  # rotated in place as without the write
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            want_k[slot // page, slot % page] = k[t].cpu()
+            want_v[slot // page, slot % page] = v[t].cpu()
+    assert torch.equal(kv_write.k_cache.cpu(), want_k)
+    assert torch.equal(kv_write.v_cache.cpu(), want_v)

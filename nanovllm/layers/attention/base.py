@@ -9,11 +9,12 @@ from nanovllm.layers.attention.metadata import AttentionMetadata
 
 
 class AttentionBackend(ABC):
-    """Writes the new tokens' K/V into the paged cache, then attends each query to its request's KV.
+    """Writes the new tokens' K/V into the paged cache (``store_kv``), then attends each query to its request's KV
+    (``attend``). On CUDA the attention layer leaves the store to the rotary kernel, which writes k as it rotates it.
 
     Shapes: ``q`` is ``[num_tokens, num_heads, head_dim]``; ``k`` and ``v`` are
     ``[num_tokens, num_kv_heads, head_dim]``; caches are ``[num_blocks, block_size, num_kv_heads, head_dim]``.
-    Returns ``[num_tokens, num_heads, head_dim]`` in ``q``'s dtype.
+    Attention returns ``[num_tokens, num_heads, head_dim]`` in ``q``'s dtype.
     """
 
     name: str = "base"
@@ -21,7 +22,6 @@ class AttentionBackend(ABC):
     def prepare(self, meta: AttentionMetadata) -> None:
         """Per-step work shared by all layers (split sizes, workspaces). Called once before the forward."""
 
-    @abstractmethod
     def forward(
         self,
         q: torch.Tensor,
@@ -31,4 +31,18 @@ class AttentionBackend(ABC):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
-    ) -> torch.Tensor: ...
+    ) -> torch.Tensor:
+        self.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.attend(q, k_cache, v_cache, meta, scale)
+
+    @abstractmethod
+    def store_kv(
+        self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        """Copy each new token's K/V into its slot; slot -1 marks a padding row."""
+
+    @abstractmethod
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """Each query row against its request's cached KV, causally (its own K/V already stored)."""

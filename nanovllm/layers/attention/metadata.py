@@ -17,6 +17,17 @@ import torch
 
 
 @dataclass
+class KVWrite:
+    """Where a layer's new K/V go: ``v [num_tokens, num_kv_heads, head_dim]`` (k travels beside it), the layer's
+    caches, and each token's flat slot (``-1``: a padding row, not written)."""
+
+    v: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64, flat KV slot of each new token (-1: skip)
     query_start_loc: torch.Tensor  # [batch + 1] int32, cumulative query lengths

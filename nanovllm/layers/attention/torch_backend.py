@@ -27,17 +27,14 @@ def gather_kv(cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch.Te
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
+    def store_kv(
+        self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        write_kv(k, v, k_cache, v_cache, slot_mapping)
+
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode_only:
             return self._decode(q, k_cache, v_cache, meta, scale)
         return self._mixed(q, k_cache, v_cache, meta, scale)

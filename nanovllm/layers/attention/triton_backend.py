@@ -1,6 +1,7 @@
 """Attention backend on this package's Triton kernels (the GPU default).
 
-Per layer: ``store_kv`` writes the new tokens' K/V into the paged cache, then a decode-only batch runs
+Per layer: the new tokens' K/V are written into the paged cache (in a model's forward by the rotary kernel as
+it rotates k; ``store_kv`` otherwise), then a decode-only batch runs
 the split-KV ``paged_decode`` and any other batch (prefill chunks, prefix-hit extends, decodes mixed
 in) runs ``paged_prefill`` in one launch. Nothing here reads device data on the host, so a forward
 can be captured in a CUDA graph.
@@ -70,17 +71,14 @@ class TritonAttentionBackend(AttentionBackend):
         want = -(-self.target_programs // max(1, batch * self.num_kv_heads))
         return max(1, min(self.max_num_splits, want))
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
+    def store_kv(
+        self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode_only:
             batch = q.shape[0]
             num_splits = self.num_splits_for(batch)
