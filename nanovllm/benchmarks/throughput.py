@@ -107,12 +107,14 @@ def main(args: argparse.Namespace) -> dict:
     llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=16), use_tqdm=False)  # warm-up
     stats_before = llm.stats()
     recorder, jit = StepRecorder(llm.engine.core), JitWatch()
+    allocator_before = _allocator_counts(device)
     jit.start()
     with _maybe_profile(args.profile, device):
         start = time.perf_counter()
         outputs = llm.generate(workload.prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - start
     jit.stop()
+    allocator_after = _allocator_counts(device)
     recorder.detach()
     stats_after = llm.stats()
     if args.step_log:
@@ -138,6 +140,8 @@ def main(args: argparse.Namespace) -> dict:
         "steps_by_kind": summarise(recorder.records),
         "compiles_during_run": jit.describe(),
     }
+    if device == "cuda":  # the caching allocator's slow paths: cudaMalloc, and free-everything-and-retry (a sync)
+        result["allocator_during_run"] = {k: allocator_after[k] - allocator_before[k] for k in allocator_after}
     if device == "cuda":
         ceilings: DeviceCeilings = measure_ceilings()
         floor_s = throughput_floor(llm, workload.prompts, [len(o.token_ids) for o in outputs], ceilings)
@@ -157,6 +161,13 @@ def main(args: argparse.Namespace) -> dict:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+def _allocator_counts(device: str) -> dict[str, int]:
+    if device != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {key: stats.get(key, 0) for key in ("num_device_alloc", "num_alloc_retries")}
 
 
 def _fold_into_vocabulary(workload: Workload, vocab_size: int) -> None:
@@ -209,8 +220,12 @@ def _print(result: dict) -> None:
         f"({result['mean_step_ms']:.2f} ms/step, host {result['mean_host_ms_per_step']:.2f} ms/step)",
         f"throughput        {result['output_tok_per_s']:,.0f} output tok/s, {result['total_tok_per_s']:,.0f} total tok/s",
         f"compiled in run   {result['compiles_during_run']}",
-        format_summary(result["steps_by_kind"]),
     ]
+    if "allocator_during_run" in result:
+        counts = result["allocator_during_run"]
+        lines.append(f"allocator in run  {counts['num_device_alloc']} cudaMalloc, {counts['num_alloc_retries']} "
+                     f"retries (a retry frees the cache and waits for the device)")
+    lines.append(format_summary(result["steps_by_kind"]))
     if "floor_s" in result:
         lines += [
             f"device ceilings   copy {result['copy_bandwidth_gb_s']:,.0f} GB/s, bf16 matmul "
