@@ -90,6 +90,8 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name != "torch":
             self.graphs = CUDAGraphRunner(self, config.max_num_seqs, config.max_model_len)
             self.graphs.capture()
+        elif self.device.type == "cuda" and self.backend.name == "triton":
+            self._compile_decode_kernels()
         pool_tokens = self.num_kv_blocks * self.block_size
         logger.info(
             "model %s on %s in %s, attention backend %s; KV pool: %d pages of %d tokens = %d tokens, "
@@ -167,6 +169,31 @@ class ModelRunner:
             hidden = self.model(input_ids, positions)
         last_rows = meta.query_start_loc[1:].long() - 1
         self.model.compute_logits(hidden[last_rows.repeat(-(-self.config.max_num_seqs // num_seqs))])
+
+    @torch.inference_mode()
+    def _compile_decode_kernels(self) -> None:
+        """Decode splits each sequence's KV in a number of parts chosen from the batch size, and every number is a
+        kernel variant; compiled in the middle of a run each one stalls it for about a second. Graph capture
+        compiles them all; running eagerly, one tiny decode forward per split count does it here."""
+        from nanovllm.layers.attention.metadata import AttentionMetadata
+
+        first_batch_of: dict[int, int] = {}
+        for batch in range(1, self.config.max_num_seqs + 1):
+            first_batch_of.setdefault(self.backend.num_splits_for(batch), batch)
+        for batch in first_batch_of.values():
+            rows = torch.arange(batch, dtype=torch.int32, device=self.device)
+            meta = AttentionMetadata(  # one token of page 0 per row, nothing written
+                slot_mapping=torch.full((batch,), -1, dtype=torch.int64, device=self.device),
+                query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device=self.device),
+                seq_lens=torch.ones(batch, dtype=torch.int32, device=self.device),
+                block_tables=torch.zeros(batch, 1, dtype=torch.int32, device=self.device),
+                max_query_len=1, max_seq_len=1, decode_order=rows,
+            )
+            zeros = torch.zeros(batch, dtype=torch.int64, device=self.device)  # token 0 at position 0
+            self.backend.prepare(meta)
+            with set_forward_context(meta, self.backend, self.compile_ops):
+                self.model.compute_logits(self.model(zeros, zeros))
+        logger.debug("compiled decode kernels for KV split counts %s", sorted(first_batch_of))
 
     def _allocate_kv_pool(self, num_pages: int) -> None:
         layer = self.attention_layers[0]

@@ -207,6 +207,17 @@ def test_paged_decode_start_order_does_not_change_the_output(num_splits):
     check_close(plain, ref, [1] * len(seq_lens), torch.bfloat16)
 
 
+def test_split_counts_are_few_powers_of_two():
+    """Each split count is a kernel variant that eager decode compiles up front, so there must be few; fewer
+    sequences get more splits, and a batch that fills the SMs on its own gets none."""
+    backend = TritonAttentionBackend(16, 8, 64, max_num_seqs=512, device=DEVICE)
+    counts = [backend.num_splits_for(batch) for batch in range(1, 513)]
+    assert all(c & (c - 1) == 0 and 1 <= c <= backend.max_num_splits for c in counts)
+    assert counts == sorted(counts, reverse=True)
+    assert counts[0] > 1 and counts[-1] == 1
+    assert len(set(counts)) <= 5
+
+
 # ---------------------------------------------------------------- prefill / extend / mixed
 
 

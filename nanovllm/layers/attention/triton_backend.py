@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import triton
 
 from nanovllm.kernels import num_sms
 from nanovllm.kernels.kv_write import store_kv
@@ -30,8 +31,8 @@ class TritonAttentionBackend(AttentionBackend):
         max_num_seqs: largest decode batch; the split-KV workspace is sized for it once, here.
         device: where the workspace lives.
         num_splits: fixed KV splits per decode sequence; ``None`` picks it from the batch size alone
-            (about 8 programs per SM, none once the batch alone gives 5, at most ``max_num_splits``). Either way
-            it depends on shapes
+            (about 8 programs per SM rounded up to a power of two, none once the batch alone gives 5, at most
+            ``max_num_splits``). Either way it depends on shapes
             only, so a graph captured for one batch size replays the same launch.
         max_num_splits: upper bound for the automatic choice (and the workspace's split dimension).
     """
@@ -75,7 +76,8 @@ class TritonAttentionBackend(AttentionBackend):
         if programs >= self.unsplit_programs:
             return 1
         want = -(-self.target_programs // max(1, programs))
-        return max(1, min(self.max_num_splits, want))
+        # a power of two: each count is a kernel variant, and eager decode compiles them all up front
+        return max(1, min(self.max_num_splits, triton.next_power_of_2(want)))
 
     def store_kv(
         self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
