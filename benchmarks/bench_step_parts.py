@@ -104,6 +104,26 @@ def decode_parts(runner, batch: int) -> None:
         replay = 1e3 * time_cuda(graphs.graphs[batch].replay, repeats=50)  # a graph cannot be captured again
         print(f"  engine graph   {replay:.3f} ms (model + LM head), parts sum without sampler "
               f"{total - times['sampler']:.3f} ms")
+        graph_kernels(graphs.graphs[batch].replay, replay)
+
+
+def graph_kernels(replay: Callable[[], None], replay_ms: float, repeats: int = 5) -> None:
+    """The kernels inside a replay of the engine's graph, by total device time; what is left of the replay's time
+    is the gaps between kernels (each kernel's launch, ramp and tail)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            replay()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.count / repeats, e.self_device_time_total / repeats / 1e3) for e in prof.key_averages()
+            if e.self_device_time_total > 0]
+    rows.sort(key=lambda row: -row[2])
+    busy = sum(ms for _, _, ms in rows)
+    count = sum(n for _, n, _ in rows)
+    print(f"  inside it      {count:.0f} kernels busy {busy:.3f} ms; gaps between them {replay_ms - busy:.3f} ms")
+    for name, n, ms in rows[:10]:
+        print(f"    {ms:7.3f} ms  {n:4.0f} x  {name[:70]}")
 
 
 @torch.inference_mode()
