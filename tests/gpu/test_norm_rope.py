@@ -95,7 +95,7 @@ def test_writes_rotated_k_and_v_into_the_cache(dtype, norm, num_k_heads, page):
     slots[::5] = -1  # padding rows
     shape = (num_blocks, page, num_k_heads, head_dim)
     k_cache, v_cache = torch.randn(shape, generator=generator).to(dtype), torch.randn(shape, generator=generator).to(dtype)
-    want_v = v_cache.clone()
+    want_k, want_v = k_cache.clone(), v_cache.clone()  # before the call: on CPU .to(DEVICE) shares the storage
     positions = torch.randint(0, 4096, (num_tokens,), generator=generator).to(DEVICE)
     weights = [(1 + 0.5 * torch.randn(head_dim, generator=generator)).to(dtype).to(DEVICE) for _ in range(2)]
     q_weight, k_weight = weights if norm else (None, None)
@@ -104,7 +104,6 @@ def test_writes_rotated_k_and_v_into_the_cache(dtype, norm, num_k_heads, page):
 
     norm_rope_(positions, q, k, rope.cos_sin_cache, q_weight, k_weight, 1e-6, kv_write=kv_write)
 
-    want_k = k_cache.clone()
     expected_k = reference(positions, k_before, rope.cos_sin_cache, k_weight, 1e-6).cpu()
     assert relative_error(k.cpu(), expected_k) < RTOL[dtype]  # rotated in place as without the write
     for t, slot in enumerate(slots.tolist()):
