@@ -6,8 +6,8 @@ rotary's gather of cos/sin is slow. Here one program per token loads its q and k
 asked), rotates them (rotate-half layout) and writes them back where they were, so q and k may stay views of the
 qkv projection's output.
 
-Given a ``KVWrite``, the same program also writes the token's rotated k and its v into the paged KV cache (what
-``kv_write.store_kv`` does otherwise): one kernel fewer per layer, and k is stored from registers.
+Given a ``KVWrite``, the same program also writes the token's rotated k and its v into the paged KV cache (the
+work of ``kernels/kv_write.py`` otherwise): one kernel fewer per layer, and k is stored from registers.
 
 Rounding follows the torch reference: the normalised head is rounded to the activation dtype before the weight
 multiplies it, and the rotation is computed in fp32 and rounded once.

@@ -10,7 +10,8 @@ so the grid and workspaces depend only on shapes and the launch replays under CU
 
 The GPU starts programs roughly in grid order, and a batch's contexts differ by 10x or more: started in batch
 order, a few long sequences can be the last programs running on an otherwise idle GPU. An optional ``order``
-(the rows longest first, made on the host) starts the longest first, so the short ones fill in the tail. The KV
+(the rows longest first, made on the host) starts the longest first, so the short ones fill in the tail (within
+each split index, the grid's slowest axis). The KV
 heads of one sequence are neighbours in the grid, so their reads of the same pages fall together.
 """
 from __future__ import annotations
@@ -210,6 +211,7 @@ def paged_decode(
     assert page_size & (page_size - 1) == 0, "block_size must be a power of two"
     assert block_tables.shape[0] == batch and seq_lens.shape == (batch,)
     assert order is None or order.shape == (batch,)
+    assert batch <= 65535, "the batch is the grid's second axis, which CUDA limits to 65,535"
     assert num_splits >= 1
     if out is None:
         out = torch.empty_like(q)
