@@ -177,8 +177,10 @@ class ModelRunner:
         compiles them all; running eagerly, one tiny decode forward per split count does it here."""
         from nanovllm.layers.attention.metadata import AttentionMetadata
 
+        # the batch sizes follow from the SM count: tensor-parallel ranks must have the same GPU, as their forwards'
+        # collectives must match
         first_batch_of: dict[int, int] = {}
-        for batch in range(1, self.config.max_num_seqs + 1):
+        for batch in range(1, min(self.config.max_num_seqs, self.config.max_num_batched_tokens) + 1):
             first_batch_of.setdefault(self.backend.num_splits_for(batch), batch)
         for batch in first_batch_of.values():
             rows = torch.arange(batch, dtype=torch.int32, device=self.device)

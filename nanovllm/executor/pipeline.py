@@ -88,7 +88,7 @@ def stage_model_class(base: type[nn.Module], start: int, end: int, first: bool, 
                 hidden, residual = inner.embed_tokens(input_ids), None
             elif self.stage_input is not None:
                 (hidden, residual), self.stage_input = self.stage_input, None
-            else:  # the memory-profiling forward: no previous stage ran
+            else:  # memory profiling or the decode-kernel warm-up: no previous stage ran
                 dtype = next(self.parameters()).dtype
                 hidden = torch.zeros(input_ids.shape[0], self.stage_hidden_size, dtype=dtype, device=input_ids.device)
                 residual = hidden.clone()

@@ -1,4 +1,5 @@
-"""The reference attention backend: plain torch on any device. The GPU kernels are tested against it."""
+"""The reference attention backend: plain torch on any device. The GPU kernels are tested against it. (On CUDA
+the attention layer has the rotary kernel write the KV cache, whichever backend attends.)"""
 from __future__ import annotations
 
 import torch
