@@ -28,29 +28,6 @@ COPIES = 24  # x 4-12 MiB of weights: well past the 50 MiB L2
 
 
 @triton.jit
-def _linear_kernel(x_ptr, w_ptr, out_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
-    acc = tl.zeros([BM, BN], tl.float32)
-    for k in range(0, K, BK):
-        x = tl.load(x_ptr + rm[:, None] * K + (k + rk)[None, :], mask=rm[:, None] < M, other=0.0)
-        w = tl.load(w_ptr + rn[None, :] * K + (k + rk)[:, None])
-        acc = tl.dot(x, w, acc)
-    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=rm[:, None] < M)
-
-
-def triton_linear(x, w, out, bm, bn, bk, warps, stages):
-    m, k = x.shape
-    n = w.shape[0]
-    _linear_kernel[(triton.cdiv(m, bm), n // bn)](x, w, out, m, n, k, BM=bm, BN=bn, BK=bk,
-                                                   num_warps=warps, num_stages=stages)
-    return out
-
-
-@triton.jit
 def _split_k_kernel(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split, ATOMIC: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -68,8 +45,12 @@ def _split_k_kernel(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split, ATOMIC: tl.cons
     out = out_ptr + rm[:, None] * N + rn[None, :]
     if ATOMIC:
         tl.atomic_add(out, acc, mask=rm[:, None] < M, sem="relaxed")
-    else:
-        tl.store(out + split * M * N, acc, mask=rm[:, None] < M)
+    else:  # split s writes rows [s * M, (s + 1) * M); one split is a plain GEMM into ``out``'s dtype
+        tl.store(out + split * M * N, acc.to(out_ptr.dtype.element_ty), mask=rm[:, None] < M)
+
+
+def triton_linear(x, w, out, bm, bn, bk, warps, stages):
+    return triton_split_k(x, w, out, 1, False, bm, bn, bk, warps, stages)
 
 
 def triton_split_k(x, w, out, splits, atomic, bm, bn, bk, warps, stages):
