@@ -3,6 +3,10 @@
 A decode step launches hundreds of small kernels; replaying them as one graph removes the per-kernel launch cost
 from the host. Graphs read their inputs from static buffers, so a step copies its batch into those, pads the batch
 up to the bucket (padding rows write no KV and read one token of page 0), and replays.
+
+A pipeline stage is captured the same way: a stage after the first reads the received ``(hidden, residual)`` from
+a static buffer instead of embedding tokens, and a stage before the last leaves its pair as the graph's output
+instead of logits.
 """
 from __future__ import annotations
 
@@ -44,7 +48,13 @@ class CUDAGraphRunner:
         self.row_ids = torch.arange(max_batch_size, dtype=torch.int32, device=device)
         self.max_model_len = max_model_len
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.logits: dict[int, torch.Tensor | None] = {}
+        model = runner.model
+        self.stage_input: torch.Tensor | None = None  # (hidden, residual) as received from the previous stage
+        if getattr(model, "is_pipeline_stage", False) and not model.stage_is_first:
+            self.stage_input = torch.zeros(2, max_batch_size, model.stage_hidden_size, device=device,
+                                           dtype=runner.dtype)
+        self.stage_outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # a stage before the last: its pair
 
     def _meta(self, batch_size: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -57,11 +67,16 @@ class CUDAGraphRunner:
             decode_order=self.decode_order[:batch_size],
         )
 
-    def _forward(self, batch_size: int, meta: AttentionMetadata) -> torch.Tensor:
+    def _forward(self, batch_size: int, meta: AttentionMetadata) -> torch.Tensor | None:
         model = self.runner.model
+        if self.stage_input is not None:
+            model.stage_input = (self.stage_input[0, :batch_size], self.stage_input[1, :batch_size])
         with set_forward_context(meta, self.runner.backend, self.runner.compile_ops):
             hidden = model(self.input_ids[:batch_size], self.positions[:batch_size])
-        return model.compute_logits(hidden)
+        stage_output = getattr(model, "stage_output", None)
+        if stage_output is not None:
+            self.stage_outputs[batch_size], model.stage_output = stage_output, None
+        return model.compute_logits(hidden)  # None on a stage before the last
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -96,17 +111,26 @@ class CUDAGraphRunner:
             graph.reset()
         self.graphs.clear()
         self.logits.clear()
+        self.stage_outputs.clear()
         torch.cuda.synchronize(self.runner.device)  # named: this may run on a thread whose current device is 0
 
     def can_run(self, batch: ForwardBatch) -> bool:
         meta = batch.meta
         return meta.is_decode_only and meta.num_seqs <= self.max_batch_size and batch.prompt_spans is None
 
-    def run(self, batch: ForwardBatch) -> tuple[torch.Tensor, None]:
-        """Logits of every row (decode rows all sample). No hidden states: no caller needs them for decode."""
+    def run(self, batch: ForwardBatch) -> tuple[torch.Tensor | None, None]:
+        """Logits of every row (decode rows all sample). No hidden states: no caller needs them for decode. A stage
+        before the last leaves its ``(hidden, residual)`` in the model's ``stage_output`` instead, as an eager
+        forward does."""
         meta = batch.meta
         size = meta.num_seqs
         bucket = next(b for b in self.buckets if b >= size)
+        model = self.runner.model
+        if self.stage_input is not None:
+            hidden, residual = model.stage_input
+            self.stage_input[0, :size].copy_(hidden)
+            self.stage_input[1, :size].copy_(residual)
+            model.stage_input = None
         self.input_ids[:size].copy_(batch.input_ids)
         self.positions[:size].copy_(batch.positions)
         self.slot_mapping[:size].copy_(meta.slot_mapping)
@@ -120,4 +144,8 @@ class CUDAGraphRunner:
         self.decode_order[:size].copy_(order)
         self.decode_order[size:bucket].copy_(self.row_ids[size:bucket])  # padding rows (length 1) last
         self.graphs[bucket].replay()
-        return self.logits[bucket][:size], None
+        if bucket in self.stage_outputs:
+            hidden, residual = self.stage_outputs[bucket]
+            model.stage_output = (hidden[:size], residual[:size])
+        logits = self.logits[bucket]
+        return (None if logits is None else logits[:size]), None

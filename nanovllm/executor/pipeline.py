@@ -15,6 +15,11 @@ waits while its last step is in flight), so the first stage starts the next micr
 on earlier ones. Messages between two ranks are matched in the order they were posted, and every rank runs the
 steps in the driver's order, so nothing needs a tag. A step that reads tokens still on the device (overlap
 scheduling without micro-batches) waits for the previous step's tokens first.
+
+On CUDA each stage replays decode steps from CUDA graphs like a whole model does (``CUDAGraphRunner`` keeps a
+static input for a received ``(hidden, residual)``), and the driver copies a step's results to the host on a side
+stream that waits only for their receives: collecting step N must not wait for the later micro-batches already
+queued on the first stage's stream.
 """
 from __future__ import annotations
 
@@ -58,6 +63,7 @@ def stage_model_class(base: type[nn.Module], start: int, end: int, first: bool, 
 
     class PipelineStage(base):  # type: ignore[misc, valid-type]
         is_pipeline_stage = True  # the loader skips checkpoint tensors of layers other stages own
+        stage_is_first, stage_is_last = first, last
 
         def __init__(self, config: Any) -> None:
             super().__init__(config)
@@ -108,17 +114,21 @@ def stage_model_class(base: type[nn.Module], start: int, end: int, first: bool, 
 
 
 class _Receive:
-    """A posted receive whose ``wait`` may be called more than once (a gloo work's second wait blocks until its
-    timeout): the first stage waits for a step's tokens before the next step, the driver again when collecting."""
+    """A posted receive whose ``wait`` may be called more than once: the first stage waits for a step's tokens
+    before the next step, the driver's results copy again. A gloo wait blocks the host, and a second one would block
+    until its timeout, so it runs once; an NCCL wait only makes the current stream wait, so it runs on every call
+    (each stream that reads the tensor needs its own)."""
 
     def __init__(self, tensor: torch.Tensor, src: int) -> None:
+        self.tensor = tensor
         self.work = dist.irecv(tensor, src=src)
+        self.waits_on_host = not tensor.is_cuda
         self.done = False
 
     def wait(self) -> None:
         if not self.done:
             self.work.wait()
-            self.done = True
+            self.done = self.waits_on_host
 
 
 @dataclasses.dataclass
@@ -127,8 +137,7 @@ class PipelinePending(PendingStep):
 
 
 class PipelineStageRunner(ModelRunner):
-    """A ``ModelRunner`` for one rank of one stage. CUDA graphs and compiled fusions are off for now: the graph
-    runner captures the whole model and its LM head, which no stage has."""
+    """A ``ModelRunner`` for one rank of one stage."""
 
     def __init__(self, config: EngineConfig, model_path: str) -> None:
         groups = get_parallel_groups()
@@ -139,7 +148,8 @@ class PipelineStageRunner(ModelRunner):
         self.hidden_size = hf_config.hidden_size
         # first stage: the sampled tokens on their way back from the last stage, oldest first
         self._token_receives: deque[tuple[_Receive, torch.Tensor]] = deque()
-        super().__init__(dataclasses.replace(config, enforce_eager=True), model_path)
+        self._results_stream: torch.cuda.Stream | None = None  # the driver's copies of received results
+        super().__init__(config, model_path)
         logger.info("pipeline stage %d of %d: layers %d..%d", groups.pp_rank, groups.pp_size,
                     self.layer_range[0], self.layer_range[1] - 1)
 
@@ -176,8 +186,9 @@ class PipelineStageRunner(ModelRunner):
         return pending
 
     def collect(self, pending: PipelinePending) -> ModelOutput:  # type: ignore[override]
-        for work in pending.works:
-            work.wait()
+        if pending.event is None:  # gloo: the receives complete on the host
+            for work in pending.works:
+                work.wait()
         return super().collect(pending)
 
     def _recv_hidden(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,6 +226,28 @@ class PipelineStageRunner(ModelRunner):
             shape = (host.arrays["prompt_rows"].shape[0], max(n for _, _, n in host.prompt_spans) + 1)
             ids, values = receive(shape, torch.int64), receive(shape, torch.float32)
             pending.prompt = (ids, values, host.prompt_spans)
+        if driver and self.device.type == "cuda" and pending.works:
+            self._copy_results_to_host(pending)
+
+    def _copy_results_to_host(self, pending: PipelinePending) -> None:
+        """On a side stream that waits for this step's receives alone, so ``collect`` does not also wait for the
+        micro-batches queued after it on the main stream."""
+        if self._results_stream is None:
+            self._results_stream = torch.cuda.Stream(self.device)
+        stream = self._results_stream
+        with torch.cuda.stream(stream):
+            for work in pending.works:
+                work.wait()
+                work.tensor.record_stream(stream)  # its memory must outlive the copy, not just the main stream's use
+            if pending.token_ids is not None:
+                pending.token_ids = self._to_host(pending.token_ids)
+            if pending.logprobs is not None:
+                pending.logprobs = (self._to_host(pending.logprobs[0]), self._to_host(pending.logprobs[1]))
+            if pending.prompt is not None:
+                ids, values, spans = pending.prompt
+                pending.prompt = (self._to_host(ids), self._to_host(values), spans)
+            pending.event = torch.cuda.Event()
+            pending.event.record(stream)
 
     def _send_results(self, batch: Any, logits: torch.Tensor | None, hidden: torch.Tensor) -> None:
         """Last stage: sample (every rank of the stage, identically) and send back in the order received."""

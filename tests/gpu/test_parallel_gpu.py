@@ -1,4 +1,4 @@
-"""Tensor and pipeline parallelism on GPUs (NCCL, CUDA graphs on the tensor-parallel ranks): greedy tokens equal
+"""Tensor and pipeline parallelism on GPUs (NCCL, CUDA graphs on every rank and stage): greedy tokens equal
 one GPU's, in float32. Layouts that need more GPUs than the machine has are skipped."""
 from __future__ import annotations
 
