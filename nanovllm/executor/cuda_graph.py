@@ -115,8 +115,13 @@ class CUDAGraphRunner:
         torch.cuda.synchronize(self.runner.device)  # named: this may run on a thread whose current device is 0
 
     def can_run(self, batch: ForwardBatch) -> bool:
+        """Steps of one token per sequence where every row samples (or none does): a graph yields logits for all
+        rows, and a one-token prompt chunk that does not sample yet (a token budget nearly spent on decodes) would
+        give the sampler a row too many."""
         meta = batch.meta
-        return meta.is_decode_only and meta.num_seqs <= self.max_batch_size and batch.prompt_spans is None
+        rows_sampled = batch.logits_indices.shape[0] if batch.sampling is not None else meta.num_seqs
+        return (meta.is_decode_only and meta.num_seqs <= self.max_batch_size and batch.prompt_spans is None
+                and rows_sampled == meta.num_seqs)
 
     def run(self, batch: ForwardBatch) -> tuple[torch.Tensor | None, None]:
         """Logits of every row (decode rows all sample). No hidden states: no caller needs them for decode. A stage

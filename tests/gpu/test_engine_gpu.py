@@ -49,6 +49,8 @@ def test_fp32_triton_graphs_overlap_match_torch_backend(gpu_model_dir: str) -> N
     chunked = _generate(gpu_model_dir, dtype="float32", attention_backend="triton", max_num_batched_tokens=24,
                         block_size=32)
     assert chunked == reference
+    # a budget of 4 tokens: steps of decode rows plus one token of a prompt that does not sample yet
+    assert _generate(gpu_model_dir, dtype="float32", attention_backend="triton", max_num_batched_tokens=4) == reference
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
