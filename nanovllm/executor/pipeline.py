@@ -38,6 +38,7 @@ from nanovllm.engine.scheduler import ModelOutput
 from nanovllm.executor.input_batch import HostBatch, to_forward_batch
 from nanovllm.executor.logprobs import PendingStep
 from nanovllm.executor.model_runner import ModelRunner
+from nanovllm.layers.linear import PartialSums
 from nanovllm.models.registry import get_model_class
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,8 @@ def stage_model_class(base: type[nn.Module], start: int, end: int, first: bool, 
             if last:
                 hidden, _ = inner.norm(hidden, residual)
                 return hidden
+            if isinstance(hidden, PartialSums):  # the next stage's first norm gets a plain tensor
+                hidden = hidden.materialize()
             self.stage_output = (hidden, residual)
             return hidden
 

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from nanovllm.layers.fusion import add_rms_norm, rms_norm
+from nanovllm.layers.linear import PartialSums
 
 
 class RMSNorm(nn.Module):
@@ -14,8 +15,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
+        self, x: torch.Tensor | PartialSums, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(x, PartialSums):  # split-K output: the sum is folded into this kernel
+            from nanovllm.kernels.split_k import partials_add_rms_norm
+
+            assert residual is not None, "partial sums need the residual add they are folded into"
+            return partials_add_rms_norm(x.partials, residual, self.weight, self.eps)
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
         return add_rms_norm(x, residual, self.weight, self.eps)

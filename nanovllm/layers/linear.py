@@ -4,14 +4,21 @@ Column-parallel layers split the output features (each rank computes a slice, no
 split the input features and all-reduce the partial sums. At world size 1 both are plain linears. Each parameter
 carries a ``weight_loader(param, checkpoint_tensor, shard_id)`` that copies this rank's slice of a checkpoint tensor
 into it, so the loader never needs to know the layout.
+
+A row-parallel linear whose output goes straight into an add + RMSNorm may leave it as ``PartialSums`` on the GPU
+fast path (``defer_sum``; see ``kernels/split_k.py``): at decode sizes, splitting K fills the GPU, and the norm adds
+the splits up.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.distributed import get_tp_rank, get_tp_size, tensor_model_parallel_all_reduce
+from nanovllm.layers.attention.context import current_forward_context
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
@@ -99,10 +106,34 @@ class QKVParallelLinear(ColumnParallelLinear):
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, rank * size, size))
 
 
+@dataclasses.dataclass
+class PartialSums:
+    """A linear's output as fp32 partial products over slices of its input features, ``[splits, tokens, out]``;
+    only an add + RMSNorm (``RMSNorm.forward`` with a residual) or ``materialize`` consumes it."""
+
+    partials: torch.Tensor
+    dtype: torch.dtype
+
+    def materialize(self) -> torch.Tensor:
+        return self.partials.sum(0).to(self.dtype)
+
+
 class RowParallelLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
         tp_size = get_tp_size()
         super().__init__(_divide(input_size, tp_size, "input size"), output_size, bias, tp_dim=1)
+        # set by a model whose add + RMSNorm takes this output directly; honoured on one rank, without a bias
+        self.defer_sum = False
+
+    def split_k_plan(self, x: torch.Tensor) -> object | None:
+        if not (self.defer_sum and x.is_cuda and self.tp_size == 1 and self.bias is None):
+            return None
+        context = current_forward_context()
+        if context is None or not context.compile_ops:  # the fast path only (not enforce_eager)
+            return None
+        from nanovllm.kernels.split_k import plan_for
+
+        return plan_for(x, self.weight)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         if param.dim() == 1:  # the bias is added once, after the all-reduce
@@ -110,7 +141,12 @@ class RowParallelLinear(LinearBase):
             return
         super().weight_loader(param, loaded, shard_id)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | PartialSums:
+        plan = self.split_k_plan(x)
+        if plan is not None:
+            from nanovllm.kernels.split_k import split_k_matmul
+
+            return PartialSums(split_k_matmul(x, self.weight, plan), x.dtype)
         out = F.linear(x, self.weight)
         out = tensor_model_parallel_all_reduce(out)
         if self.bias is not None:

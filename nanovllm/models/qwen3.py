@@ -13,7 +13,7 @@ from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention.layer import Attention
 from nanovllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
-from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from nanovllm.layers.linear import MergedColumnParallelLinear, PartialSums, QKVParallelLinear, RowParallelLinear
 from nanovllm.layers.rotary import RotaryEmbedding, rope_parameters
 
 
@@ -65,10 +65,15 @@ class Qwen3DecoderLayer(nn.Module):
         self.mlp = mlp if mlp is not None else Qwen3MLP(config.hidden_size, config.intermediate_size, mlp_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # both projections feed an add + RMSNorm (this layer's, the next layer's or the final norm), which may take
+        # their output as split-K partial sums
+        self.self_attn.o_proj.defer_sum = True
+        if mlp is None:
+            self.mlp.down_proj.defer_sum = True
 
     def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, positions: torch.Tensor, hidden: torch.Tensor | PartialSums, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor | PartialSums, torch.Tensor]:
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
