@@ -64,7 +64,8 @@ def _log2(x, INTERP: tl.constexpr):
 @triton.jit
 def _fold_block(logits_ptr, start, scale, key, is_random, best_value, best_index,
                 VOCAB: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr):
-    """Fold tokens ``start .. start + BLOCK`` of one row into its running best (score, index)."""
+    """Fold tokens ``start .. start + BLOCK`` of one row into the running best (score, index) of each lane: no
+    reduction across lanes until the chunk's end."""
     cols = start + tl.arange(0, BLOCK)
     mask = cols < VOCAB
     score = tl.load(logits_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * scale
@@ -72,11 +73,8 @@ def _fold_block(logits_ptr, start, scale, key, is_random, best_value, best_index
         exponential = _exponential(_mix32(key * 0x01000193 + cols.to(tl.uint32)), INTERP)
         # the outer log2's small absolute error only nudges a score
         score = score - _log2(exponential, INTERP)
-    score = tl.where(mask, score, float("-inf"))
-    block_best = tl.max(score, axis=0)
-    block_index = tl.argmax(score, axis=0, tie_break_left=True).to(tl.int32) + start
-    better = block_best > best_value  # strict: the earliest index wins ties, as in torch.argmax
-    return tl.where(better, block_best, best_value), tl.where(better, block_index, best_index)
+    better = mask & (score > best_value)  # strict: a lane keeps its earliest index on ties
+    return tl.where(better, score, best_value), tl.where(better, cols, best_index)
 
 
 @triton.jit(do_not_specialize=["chunk_len", "num_chunks"])
@@ -92,9 +90,9 @@ def _chunk_best_kernel(
     # inverse temperature in base 2; greedy rows stay unscaled, so their argmax is torch's to the last bit
     scale = tl.where(is_random, tl.load(inv_temp_ptr + row) * 1.4426950408889634, 1.0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
-    best_value = tl.full([], float("-inf"), tl.float32)
-    best_index = tl.full([], 0, tl.int32)
     first = chunk * chunk_len
+    best_value = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_index = tl.full([BLOCK], VOCAB, tl.int32) + first  # an index no lane can beat on a tie
     if INTERP:  # the interpreter cannot loop over range() with run-time bounds
         start = first
         while start < first + chunk_len:
@@ -105,8 +103,12 @@ def _chunk_best_kernel(
         for start in range(first, first + chunk_len, BLOCK):
             best_value, best_index = _fold_block(row_ptr, start, scale, key, is_random, best_value, best_index,
                                                  VOCAB, BLOCK, INTERP)
-    tl.store(best_value_ptr + row * num_chunks + chunk, best_value)
-    tl.store(best_index_ptr + row * num_chunks + chunk, best_index)
+    # the chunk's best, and of the lanes holding it the earliest token, as torch.argmax breaks ties
+    chunk_best = tl.max(best_value, axis=0)
+    chunk_index = tl.min(tl.where(best_value == chunk_best, best_index, VOCAB + first), axis=0)
+    chunk_index = tl.where(chunk_best == float("-inf"), first, chunk_index)  # all masked: the first, as torch
+    tl.store(best_value_ptr + row * num_chunks + chunk, chunk_best)
+    tl.store(best_index_ptr + row * num_chunks + chunk, chunk_index)
 
 
 @triton.jit(do_not_specialize=["num_chunks"])
