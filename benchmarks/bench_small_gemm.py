@@ -6,12 +6,12 @@ memory rather than from L2. The weight-read floor is the weight's bytes over the
 
 ``--split-k`` times what the engine runs for the projections with few output columns (o and down, N = 1024),
 which give cuBLAS too few tiles to fill the GPU: cuBLAS followed by the compiled add + RMSNorm, against the split-K
-kernel followed by the add + RMSNorm that sums its partials (``kernels/split_k.py``), at the engine's plan; then the
-split-K GEMM alone at variants of that plan, to check the plan's choices. ``--model qwen3-8b`` takes that model's
-shapes instead.
+kernel followed by the add + RMSNorm that sums its partials (``kernels/split_k.py``), at the engine's plan; with
+``--variants`` also the split-K GEMM alone at variants of that plan, to check the plan's choices (minutes).
+``--model qwen3-8b`` takes that model's shapes instead.
 
     python benchmarks/bench_small_gemm.py
-    python benchmarks/bench_small_gemm.py --split-k [--model qwen3-8b]
+    python benchmarks/bench_small_gemm.py --split-k [--variants] [--model qwen3-8b]
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def per_weight_us(fn, weights) -> float:
     return 1e6 * time_cuda_graph(lambda: [fn(w) for w in weights]) / len(weights)
 
 
-def split_k_main(copy_gbs: float, shapes: dict[str, tuple[int, int]]) -> None:
+def split_k_main(copy_gbs: float, shapes: dict[str, tuple[int, int]], variants: bool) -> None:
     device = torch.device("cuda")
     fused_norm = torch.compile(add_rms_norm.__wrapped__, dynamic=True)  # the engine's add + RMSNorm
     for name, batch in itertools.product(["o", "down"], [1, 8, 16, 32, 64, 96, 128, 192, 256]):
@@ -65,6 +65,8 @@ def split_k_main(copy_gbs: float, shapes: dict[str, tuple[int, int]]) -> None:
         gemm = per_weight_us(lambda w: split_k_matmul(x, w, plan), weights)
         line += f"  split-K + norm {split:5.1f} ({cublas - split:+4.1f})  GEMM alone {gemm:4.1f} at {plan}"
         print(line)
+        if not variants:
+            continue
         best = (gemm, plan)
         variants = itertools.product({max(1, plan.splits // 2), plan.splits, plan.splits * 2}, (64, 128),
                                      (64, 128, 256), (3, 4, 5))
@@ -84,6 +86,7 @@ def split_k_main(copy_gbs: float, shapes: dict[str, tuple[int, int]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--split-k", action="store_true", help="split-K for the o and down projections")
+    parser.add_argument("--variants", action="store_true", help="with --split-k: time variants of each plan")
     parser.add_argument("--model", choices=["qwen3-0.6b", "qwen3-8b"], default="qwen3-0.6b")
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -91,7 +94,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, copy {copy_gbs:,.0f} GB/s")
     shapes = SHAPES_8B if args.model == "qwen3-8b" else SHAPES
     if args.split_k:
-        split_k_main(copy_gbs, shapes)
+        split_k_main(copy_gbs, shapes, args.variants)
         return
     configs = list(itertools.product([16, 64], [32, 64, 128], [64, 128, 256], [4], [3, 5]))
     for batch, (name, (n, k)) in itertools.product([16, 64, 256], shapes.items()):

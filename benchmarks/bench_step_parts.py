@@ -72,14 +72,16 @@ def decode_parts(runner, batch: int) -> None:
         keys=torch.arange(batch, device=device), all_greedy=False, use_top_k_top_p=False, use_min_p=False,
     )
     backend = runner.backend
+    with set_forward_context(meta, backend, runner.compile_ops):  # as the engine would: maybe split-K partials
+        o_out, down_out = attn.o_proj(o_in), layer.mlp.down_proj(act)
     parts: dict[str, Callable[[], object]] = {
-        "add_rms_norm": lambda: layer.input_layernorm(x, residual),
+        "add_rms_norm": lambda: layer.input_layernorm(down_out, residual),
         "qkv_proj": lambda: attn.qkv_proj(x),
         # as in the engine: the rotary kernel also writes the new K/V into the cache
         "norm_rope_kv": lambda: attn.rotary_emb(positions, q3, k3, (attn.q_norm, attn.k_norm), kv_write),
         "attention": lambda: backend.attend(q3, attn.attn.k_cache, attn.attn.v_cache, meta, attn.attn.scale),
         "o_proj": lambda: attn.o_proj(o_in),
-        "post_norm": lambda: layer.post_attention_layernorm(x, residual),
+        "post_norm": lambda: layer.post_attention_layernorm(o_out, residual),
         "gate_up_proj": lambda: layer.mlp.gate_up_proj(x),
         "silu_and_mul": lambda: layer.mlp.act_fn(gate_up),
         "down_proj": lambda: layer.mlp.down_proj(act),
