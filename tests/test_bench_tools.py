@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from nanovllm.benchmarks import throughput
-from nanovllm.benchmarks.step_trace import StepRecord, summarise
+from nanovllm.benchmarks.step_trace import GcWatch, StepRecord, summarise
 from nanovllm.executor.staging import HostStager
 
 
@@ -56,6 +56,20 @@ def test_throughput_bench_accounts_for_every_step(qwen3_dir: str, tmp_path):
     assert 0 < step_seconds <= result["elapsed_s"]
     assert log.exists() and len(json.loads(log.read_text())) == result["steps"]
     assert result["output_tokens"] > 0
+
+
+def test_gc_watch_counts_collections_while_started():
+    import gc
+
+    watch = GcWatch()
+    watch.start()
+    gc.collect()  # a full collection: generation 2
+    gc.collect(0)
+    watch.stop()
+    gc.collect()  # after stop: not counted
+    assert watch.counts[2] == 1 and watch.counts[0] >= 1
+    assert watch.longest_ms <= watch.total_ms
+    assert watch.describe().startswith(f"{watch.counts[0]} / {watch.counts[1]} / 1 collections")
 
 
 def test_summarise_adds_device_and_idle_time():

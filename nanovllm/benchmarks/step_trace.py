@@ -7,11 +7,13 @@ the host to queue it: with overlap scheduling the step loop's wall times mix ste
 ``summarise`` groups the steps by kind (steps with prefill, and decode-only steps by batch size), which shows
 whether the device or the host sets the pace where. ``JitWatch`` counts kernel compilations (Triton, and
 TorchDynamo recompiles) during the timed run: each costs up to a second of host time, and none should happen once
-the engine is warm.
+the engine is warm. ``GcWatch`` counts Python's garbage collections and their pauses.
 """
 from __future__ import annotations
 
+import gc
 import json
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -176,3 +178,33 @@ class JitWatch:
     def describe(self) -> str:
         triton = ", ".join(f"{name} x{n}" for name, n in self.triton.most_common()) or "none"
         return f"Triton compiles {triton}; TorchDynamo frames compiled {self.dynamo_recompiles}"
+
+
+class GcWatch:
+    """Python's garbage collections between ``start`` and ``stop``: how many per generation, the total pause and the
+    longest one. A collection stops the host; a long one in a step loop can leave the device idle."""
+
+    def __init__(self) -> None:
+        self.counts = [0, 0, 0]
+        self.total_ms = 0.0
+        self.longest_ms = 0.0
+        self._started_at = 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started_at = time.perf_counter()
+            return
+        pause_ms = 1e3 * (time.perf_counter() - self._started_at)
+        self.counts[info["generation"]] += 1
+        self.total_ms += pause_ms
+        self.longest_ms = max(self.longest_ms, pause_ms)
+
+    def start(self) -> None:
+        gc.callbacks.append(self._callback)
+
+    def stop(self) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def describe(self) -> str:
+        return (f"{self.counts[0]} / {self.counts[1]} / {self.counts[2]} collections of generation 0 / 1 / 2, "
+                f"{self.total_ms:.1f} ms in all, longest {self.longest_ms:.1f} ms")

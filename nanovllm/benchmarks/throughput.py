@@ -24,7 +24,7 @@ import torch
 from nanovllm import LLM, SamplingParams
 from nanovllm.benchmarks.peer_hf import run_hf_continuous_batching
 from nanovllm.benchmarks.roofline import DeviceCeilings, measure_ceilings, throughput_floor
-from nanovllm.benchmarks.step_trace import JitWatch, StepRecorder, format_summary, summarise
+from nanovllm.benchmarks.step_trace import GcWatch, JitWatch, StepRecorder, format_summary, summarise
 from nanovllm.testing import PRESETS, write_config_only
 
 logger = logging.getLogger(__name__)
@@ -106,13 +106,15 @@ def main(args: argparse.Namespace) -> dict:
 
     llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=16), use_tqdm=False)  # warm-up
     stats_before = llm.stats()
-    recorder, jit = StepRecorder(llm.engine.core), JitWatch()
+    recorder, jit, collections = StepRecorder(llm.engine.core), JitWatch(), GcWatch()
     allocator_before = _allocator_counts(device)
     jit.start()
+    collections.start()
     with _maybe_profile(args.profile, device):
         start = time.perf_counter()
         outputs = llm.generate(workload.prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - start
+    collections.stop()
     jit.stop()
     allocator_after = _allocator_counts(device)
     recorder.detach()
@@ -139,6 +141,7 @@ def main(args: argparse.Namespace) -> dict:
         "preemptions": stats_after["num_preemptions"] - stats_before["num_preemptions"],
         "steps_by_kind": summarise(recorder.records),
         "compiles_during_run": jit.describe(),
+        "gc_during_run": collections.describe(),
     }
     if device == "cuda":  # the caching allocator's slow paths: cudaMalloc, and free-everything-and-retry (a sync)
         result["allocator_during_run"] = {k: allocator_after[k] - allocator_before[k] for k in allocator_after}
@@ -220,6 +223,7 @@ def _print(result: dict) -> None:
         f"({result['mean_step_ms']:.2f} ms/step, host {result['mean_host_ms_per_step']:.2f} ms/step)",
         f"throughput        {result['output_tok_per_s']:,.0f} output tok/s, {result['total_tok_per_s']:,.0f} total tok/s",
         f"compiled in run   {result['compiles_during_run']}",
+        f"gc in run         {result['gc_during_run']}",
     ]
     if "allocator_during_run" in result:
         counts = result["allocator_during_run"]
