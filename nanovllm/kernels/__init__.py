@@ -19,3 +19,13 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of ``device``, which size kernel grids; 8 stands in under the interpreter."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
+@functools.cache
+def shared_memory_bytes(device: torch.device) -> int:
+    """Shared memory one program may use on ``device`` (a generous figure under the interpreter)."""
+    if device.type != "cuda":
+        return 1 << 20
+    props = torch.cuda.get_device_properties(device)
+    optin = getattr(props, "shared_memory_per_block_optin", 0)
+    return optin or props.shared_memory_per_multiprocessor - 1024

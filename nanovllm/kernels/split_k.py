@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels import INTERPRET, num_sms
+from nanovllm.kernels import INTERPRET, num_sms, shared_memory_bytes
 
 MAX_ROWS = 256  # past this, output tiles alone fill the GPU (and prefill-sized GEMMs are compute-bound)
 
@@ -34,14 +34,20 @@ class SplitKPlan:
     num_stages: int = 4
 
 
-def plan_split_k(num_rows: int, out_features: int, in_features: int, sms: int) -> SplitKPlan | None:
+def plan_split_k(num_rows: int, out_features: int, in_features: int, sms: int,
+                 shared_memory: int = 227 * 1024) -> SplitKPlan | None:
     """A plan that gives each SM about one program, or None when splitting would not help (enough output tiles
-    already, too many rows, or shapes the tiles do not divide)."""
+    already, too many rows, or shapes the tiles do not divide). Up to 4 stages of tiles, as many as the shared
+    memory holds (with room left for the epilogue's fp32 tile)."""
     if not 0 < num_rows <= MAX_ROWS:
         return None
     block_m = min(64, max(16, triton.next_power_of_2(num_rows)))
     block_n, block_k = 64, 128
     if out_features % block_n or in_features % block_k:
+        return None
+    stage_bytes = 2 * (block_m + block_n) * block_k  # half-precision x and weight tiles
+    num_stages = min(4, (shared_memory - 4 * block_m * block_n) // stage_bytes)
+    if num_stages < 2:
         return None
     tiles = triton.cdiv(num_rows, block_m) * (out_features // block_n)
     splits = 1
@@ -49,10 +55,10 @@ def plan_split_k(num_rows: int, out_features: int, in_features: int, sms: int) -
         splits *= 2
     if splits == 1:
         return None
-    return SplitKPlan(splits, block_m, block_n, block_k)
+    return SplitKPlan(splits, block_m, block_n, block_k, num_stages=num_stages)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # the row count varies with every eager step: one variant for all
 def _split_k_kernel(x_ptr, w_ptr, partials_ptr, M, stride_x, N: tl.constexpr, K: tl.constexpr,
                     K_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
@@ -63,7 +69,7 @@ def _split_k_kernel(x_ptr, w_ptr, partials_ptr, M, stride_x, N: tl.constexpr, K:
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = split * K_PER_SPLIT + tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None] * stride_x + ks[None, :]
-    w_ptrs = w_ptr + cols[None, :] * K + ks[:, None]  # the weight is [N, K]: read it as [K, N] tiles
+    w_ptrs = w_ptr + cols[None, :].to(tl.int64) * K + ks[:, None]  # the weight is [N, K]: read as [K, N] tiles
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for _ in range(0, K_PER_SPLIT, BLOCK_K):
         x = tl.load(x_ptrs, mask=rows[:, None] < M, other=0.0)
@@ -99,10 +105,11 @@ def plan_for(x: torch.Tensor, weight: torch.Tensor) -> SplitKPlan | None:
     """The plan for ``x @ weight.T`` on ``x``'s device (half-precision activations only)."""
     if x.dtype not in (torch.bfloat16, torch.float16) or x.dim() != 2:
         return None
-    return plan_split_k(x.shape[0], weight.shape[0], weight.shape[1], num_sms(x.device))
+    return plan_split_k(x.shape[0], weight.shape[0], weight.shape[1], num_sms(x.device),
+                        shared_memory_bytes(x.device))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _partials_add_rms_norm_kernel(partials_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, M, eps,
                                   N: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)

@@ -43,6 +43,10 @@ def test_plan_fills_the_gpu_with_whole_splits() -> None:
     assert plan_split_k(MAX_ROWS + 1, 1024, 2048, sms=132) is None  # prefill-sized: cuBLAS
     assert plan_split_k(16, 1000, 2048, sms=132) is None  # the tiles do not divide the columns
     assert plan_split_k(256, 8192, 2048, sms=132) is None  # output tiles alone fill the GPU
+    # stages as the shared memory allows: 99 KiB (sm_86 / sm_89) holds two of 64 x 128 + 128 x 64 half tiles
+    assert plan_split_k(64, 1024, 3072, sms=84, shared_memory=99 * 1024).num_stages == 2
+    assert plan_split_k(16, 1024, 3072, sms=84, shared_memory=99 * 1024).num_stages == 4  # 16-row tiles fit 4
+    assert plan_split_k(64, 1024, 3072, sms=84, shared_memory=48 * 1024) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -82,6 +86,11 @@ def test_norm_adds_the_partials_as_the_unsplit_path_rounds(hidden: int, dtype: t
     # the same bits every run
     again, _ = partials_add_rms_norm(partials.to(DEVICE), residual.to(DEVICE), weight.to(DEVICE), 1e-6)
     assert torch.equal(again, out)
+    if ON_GPU:  # the interpreter truncates where a GPU rounds to nearest: exact only there
+        total = partials[0].clone()
+        for split in range(1, splits):  # in split order, in fp32
+            total += partials[split]
+        assert torch.equal(new_residual.cpu(), total.to(dtype) + residual)  # rounded as a GEMM output, then added
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the deferred sum is taken on the CUDA fast path only")
