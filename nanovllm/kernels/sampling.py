@@ -73,7 +73,8 @@ def _fold_block(logits_ptr, start, scale, key, is_random, best_value, best_index
         exponential = _exponential(_mix32(key * 0x01000193 + cols.to(tl.uint32)), INTERP)
         # the outer log2's small absolute error only nudges a score
         score = score - _log2(exponential, INTERP)
-    better = mask & (score > best_value)  # strict: a lane keeps its earliest index on ties
+    # strict: a lane keeps its earliest index on ties (a NaN score never wins, where torch.argmax would pick it)
+    better = mask & (score > best_value)
     return tl.where(better, score, best_value), tl.where(better, cols, best_index)
 
 
