@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 
+from gpu import assert_decode_drift_within_eager, decode_logprobs
 from nanovllm import LLM, SamplingParams
 from nanovllm.testing import build_checkpoint
 
@@ -53,3 +54,13 @@ def test_same_tokens_as_one_gpu(checkpoints: dict[str, str], model: str, tp: int
     if model not in _REFERENCES:
         _REFERENCES[model] = generate(checkpoints[model])
     assert generate(checkpoints[model], tp, pp) == _REFERENCES[model]
+
+
+def test_bf16_pipeline_stages_as_close_to_float32_as_one_eager_gpu(checkpoints: dict[str, str]) -> None:
+    """PP=2 in bf16 on the fast path (graphs per stage, split-K projections, the first stage summing the partials
+    before it sends) drifts from float32 no more than one GPU's eager bf16 steps do."""
+    path = checkpoints["dense"]
+    exact = decode_logprobs(path, dtype="float32", enforce_eager=True)
+    eager = decode_logprobs(path, dtype="bfloat16", enforce_eager=True)
+    piped = decode_logprobs(path, dtype="bfloat16", pipeline_parallel_size=2, gpu_memory_utilization=0.3)
+    assert_decode_drift_within_eager(exact, eager, piped)
