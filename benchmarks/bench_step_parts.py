@@ -72,7 +72,7 @@ def decode_parts(runner, batch: int) -> None:
         keys=torch.arange(batch, device=device), all_greedy=False, use_top_k_top_p=False, use_min_p=False,
     )
     backend = runner.backend
-    with set_forward_context(meta, backend, runner.compile_ops):  # as the engine would: maybe split-K partials
+    with set_forward_context(meta, backend):  # as the engine would: maybe split-K partials
         o_out, down_out = attn.o_proj(o_in), layer.mlp.down_proj(act)
     parts: dict[str, Callable[[], object]] = {
         "add_rms_norm": lambda: layer.input_layernorm(down_out, residual),
@@ -87,7 +87,7 @@ def decode_parts(runner, batch: int) -> None:
         "down_proj": lambda: layer.mlp.down_proj(act),
     }
     tail = {"lm_head": lambda: model.compute_logits(x), "sampler": lambda: runner.sampler(logits, sampling)}
-    with set_forward_context(meta, backend, runner.compile_ops):
+    with set_forward_context(meta, backend):
         times = {name: 1e3 * time_cuda_graph(fn) for name, fn in {**parts, **tail}.items()}
     num_layers = len(model.model.layers)
     layer_ms = sum(times[name] for name in parts)
@@ -148,7 +148,7 @@ def prefill_host(runner, num_prompts: int = 16, prompt_len: int = 1024) -> None:
     positions = positions.to(device)
 
     def forward() -> torch.Tensor:
-        with set_forward_context(meta, runner.backend, runner.compile_ops):
+        with set_forward_context(meta, runner.backend):
             hidden = runner.model(input_ids, positions)
         return runner.model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1])
 

@@ -43,14 +43,11 @@ class LLM:
                 f"for {len(prompts)} prompts"
             )
         # validate everything before queueing anything, so a bad prompt leaves the engine untouched
-        checked = [self.engine.input_processor.tokenize(p) for p in prompts]
-        for (_, ids), params in zip(checked, sampling_params):
-            request = self.engine.input_processor.make_request("check", ids, params)
-            self.engine.core.check_fits(request)
-        request_ids = [str(next(self._ids)) for _ in prompts]
-        for request_id, prompt, params in zip(request_ids, prompts, sampling_params):
-            self.engine.add_request(request_id, prompt, params)
-        return self._run(request_ids, use_tqdm)
+        intake = self.engine.input_processor
+        requests = [intake.process(str(next(self._ids)), p, params) for p, params in zip(prompts, sampling_params)]
+        for request in requests:
+            self.engine.add_processed(request)
+        return self._run([request.request_id for request in requests], use_tqdm)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
@@ -90,17 +87,14 @@ class LLM:
 
     def chat(
         self,
-        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Apply the tokenizer's chat template to one conversation or a list of them, then generate."""
-        if self.tokenizer is None:
-            raise ValueError("chat needs a tokenizer")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [
-            self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=add_generation_prompt)
-            for c in conversations
-        ]
+        render = self.engine.input_processor.render_chat
+        prompts = [render(c, add_generation_prompt, chat_template_kwargs) for c in conversations]  # type: ignore[arg-type]
         return self.generate(prompts, sampling_params, use_tqdm)

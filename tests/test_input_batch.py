@@ -1,4 +1,4 @@
-"""The host side of a step: the flat arrays ``build_host_batch`` makes from scheduled chunks."""
+"""The host side of a step: the ``HostBatch`` that ``build_host_batch`` makes from scheduled chunks."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import numpy as np
 from nanovllm import SamplingParams
 from nanovllm.engine.request import Request
 from nanovllm.engine.scheduler import ScheduledChunk, SchedulerOutput
-from nanovllm.executor.input_batch import build_host_batch
+from nanovllm.engine.batch_builder import build_host_batch
 
 BLOCK_SIZE = 4
 
@@ -28,15 +28,15 @@ def host_batch(chunks: list[ScheduledChunk]):
 def test_decode_order_starts_the_longest_contexts_first():
     lengths = [5, 40, 1, 40, 17, 9]
     chunks = [chunk("r" * (i + 1), n, n - 1, 1) for i, n in enumerate(lengths)]
-    arrays = host_batch(chunks).arrays
-    order = arrays["decode_order"]
+    host = host_batch(chunks)
+    order = host.decode_order
     assert order.dtype == np.int32
     assert sorted(order.tolist()) == list(range(len(lengths)))  # a permutation of the rows
     assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
     assert order.tolist()[:2] == [1, 3]  # ties keep batch order
-    assert arrays["seq_lens"].tolist() == lengths
+    assert host.seq_lens.tolist() == lengths
 
 
 def test_no_decode_order_for_batches_with_a_prefill():
     chunks = [chunk("a", 12, 11, 1), chunk("bb", 12, 0, 12)]
-    assert "decode_order" not in host_batch(chunks).arrays
+    assert host_batch(chunks).decode_order is None

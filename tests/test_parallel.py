@@ -101,15 +101,21 @@ def test_same_tokens_as_one_process(model: str, layout: str) -> None:
     pids = core.executor.worker_pids
     in_flight_at_launch: list[int] = []  # steps in flight when another was launched
     shared_at_launch: list[int] = []  # of their requests, how many the new step also has
-    launch = core.executor.launch
+    launch, schedule = core.executor.launch, core.scheduler.schedule
+    scheduled: list[Any] = []  # the step being launched is the one scheduled last
 
-    def recording_launch(sched: Any) -> Any:
-        busy = {id(c.request) for step, _ in core.in_flight for c in step.chunks}
+    def recording_schedule() -> Any:
+        scheduled.append(schedule())
+        return scheduled[-1]
+
+    def recording_launch(batch: Any) -> Any:
+        busy = {id(c.request) for flight in core.in_flight for c in flight.sched.chunks}
         in_flight_at_launch.append(len(core.in_flight))
-        shared_at_launch.append(len(busy & {id(c.request) for c in sched.chunks}))
-        return launch(sched)
+        shared_at_launch.append(len(busy & {id(c.request) for c in scheduled[-1].chunks}))
+        return launch(batch)
 
     core.executor.launch = recording_launch
+    core.scheduler.schedule = recording_schedule
     try:
         assert len(pids) == tp * pp - 1
         assert_close(run(llm, GREEDY), expected_greedy)
@@ -279,12 +285,12 @@ _RANK0 = textwrap.dedent("""
 
 
 def test_launch_from_environment_variables(qwen3_dir: str, unused_tcp_port: int) -> None:
-    """Rank 0 builds the engine; the other ranks run ``python -m nanovllm.executor.worker`` (here on one host)."""
+    """Rank 0 builds the engine; the other ranks run ``python -m nanovllm.entrypoints.worker`` (here on one host)."""
     import json
 
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(unused_tcp_port), WORLD_SIZE="4",
                NANOVLLM_DIST_TIMEOUT_S="60")
-    workers = [subprocess.Popen([sys.executable, "-m", "nanovllm.executor.worker"],
+    workers = [subprocess.Popen([sys.executable, "-m", "nanovllm.entrypoints.worker"],
                                 env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stderr=subprocess.DEVNULL)
                for r in (1, 2, 3)]
     try:

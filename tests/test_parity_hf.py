@@ -1,7 +1,7 @@
 """Parity with Hugging Face transformers on the same tiny checkpoints: greedy tokens and prefill logits.
 
 Logits come straight from nanovllm's model runner (``llm.engine.core.executor``): a hand-built
-``SchedulerOutput`` (several prompts in one batch) goes through ``build_forward_batch`` and
+``SchedulerOutput`` (several prompts in one batch) goes through ``build_host_batch`` and ``to_forward_batch`` and
 ``ModelRunner.forward``, whose hidden states of every row go through ``model.compute_logits``, so every
 position's logits are compared, in one chunk or in several (each chunk reading the paged KV the earlier ones wrote).
 """
@@ -15,7 +15,8 @@ import torch
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.request import Request
 from nanovllm.engine.scheduler import ScheduledChunk, SchedulerOutput
-from nanovllm.executor.input_batch import build_forward_batch
+from nanovllm.engine.batch_builder import build_host_batch
+from nanovllm.executor.input_batch import to_forward_batch
 
 CHECKPOINTS = ["qwen3_dir", "qwen3_tied_dir", "qwen2_dir"]
 MAX_TOKENS = 12
@@ -64,8 +65,7 @@ def hf_logits(hf, prompt_ids: list[int]) -> torch.Tensor:
 
 def all_row_logits(runner, batch) -> torch.Tensor:
     """Logits of every row of a forward batch."""
-    _, hidden = runner.forward(batch)  # (logits of the sampled rows, hidden states of every row)
-    return runner.model.compute_logits(hidden)
+    return runner.model.compute_logits(runner.forward(batch).hidden)
 
 
 def our_logits(llm: LLM, prompts: list[list[int]], chunk_size: int | None = None) -> list[torch.Tensor]:
@@ -96,7 +96,7 @@ def our_logits(llm: LLM, prompts: list[list[int]], chunk_size: int | None = None
                     request.set_page_table(list(pages[i]))
                     chunks.append(ScheduledChunk(request, start, n, sample=False))
             sched = SchedulerOutput(chunks=chunks, num_batched_tokens=sum(c.num_tokens for c in chunks))
-            batch = build_forward_batch(sched, runner.block_size, runner.vocab_size, runner.stager)
+            batch = to_forward_batch(build_host_batch(sched, runner.block_size, runner.vocab_size), runner.stager)
             with torch.inference_mode():
                 logits = all_row_logits(runner, batch).float().cpu()
             offset = 0

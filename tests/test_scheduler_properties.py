@@ -19,22 +19,15 @@ from nanovllm.engine.request import Request, RequestStatus
 from nanovllm.engine.scheduler import Scheduler, SchedulerOutput
 from nanovllm.sampling_params import SamplingParams
 
-try:  # update() takes a ModelOutput where the executor returns more than token ids
-    from nanovllm.engine.scheduler import ModelOutput
-except ImportError:  # pragma: no cover - older shape: a plain list of token ids
-    ModelOutput = None
-
-try:
-    from nanovllm.engine.request import PLACEHOLDER
-except ImportError:  # pragma: no cover
-    PLACEHOLDER = None
+from nanovllm.engine.request import PLACEHOLDER
+from nanovllm.executor.base import ModelOutput
 
 EOS = 0
 VOCAB = 50
 
 
-def model_output(tokens: list[int]):
-    return ModelOutput(token_ids=tokens) if ModelOutput is not None else tokens
+def model_output(tokens: list[int]) -> ModelOutput:
+    return ModelOutput(token_ids=tokens)
 
 
 @dataclass

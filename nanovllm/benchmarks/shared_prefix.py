@@ -16,7 +16,8 @@ import time
 import torch
 from transformers import AutoConfig
 
-from nanovllm import LLM, SamplingParams
+from nanovllm.llm import LLM
+from nanovllm.sampling_params import SamplingParams
 from nanovllm.testing import PRESETS, write_config_only
 
 

@@ -40,20 +40,20 @@ class StepRecorder:
         core.scheduler.schedule, core.step = self._recording_schedule, self._recording_step
         self._events: list[Any] = []  # per record: (start, end) CUDA events of the step it launched, or None
         self._launched: Any = None
-        # the events bracket the runner's launch_host: the step's host arrays are built by then, so a device
+        # the events bracket the runner's launch: the step's host arrays are built by then, so a device
         # that waits for them counts as idle, not busy
         self._runner = getattr(core.executor, "runner", core.executor)
-        self._launch_host = None
+        self._launch = None
         if getattr(core.executor, "device_type", "cpu") == "cuda":
-            self._launch_host = self._runner.launch_host
-            self._runner.launch_host = self._recording_launch_host
+            self._launch = self._runner.launch
+            self._runner.launch = self._recording_launch
 
-    def _recording_launch_host(self, *args: Any) -> Any:
+    def _recording_launch(self, *args: Any) -> Any:
         import torch
 
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        pending = self._launch_host(*args)
+        pending = self._launch(*args)
         end.record()
         self._launched = (start, end)
         return pending
@@ -78,9 +78,9 @@ class StepRecorder:
     def detach(self) -> None:
         """Restore the engine's methods and, on CUDA, read the events (after the device has finished)."""
         self.core.scheduler.schedule, self.core.step = self._schedule, self._step
-        if self._launch_host is None:
+        if self._launch is None:
             return
-        del self._runner.launch_host  # the instance attribute; the class's method shows through again
+        del self._runner.launch  # the instance attribute; the class's method shows through again
         import torch
 
         torch.cuda.synchronize()

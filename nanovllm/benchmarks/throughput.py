@@ -21,7 +21,8 @@ from typing import Iterator
 
 import torch
 
-from nanovllm import LLM, SamplingParams
+from nanovllm.llm import LLM
+from nanovllm.sampling_params import SamplingParams
 from nanovllm.benchmarks.peer_hf import run_hf_continuous_batching
 from nanovllm.benchmarks.roofline import DeviceCeilings, measure_ceilings, throughput_floor
 from nanovllm.benchmarks.step_trace import GcWatch, JitWatch, StepRecorder, format_summary, summarise

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import time
 import uuid
 from collections import deque
 from dataclasses import replace
@@ -22,12 +21,11 @@ from typing import Any, AsyncIterator
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.core_client import EngineCoreClient, EngineDeadError, EngineStartupError
-from nanovllm.engine.input_processor import InputProcessor, Prompt, eos_token_ids
-from nanovllm.engine.llm_engine import load_generation_config, load_tokenizer
+from nanovllm.engine.input_processor import InputProcessor, Prompt
+from nanovllm.engine.messages import CoreOutputs, RequestFailed
+from nanovllm.engine.model_files import prepare_model_files
 from nanovllm.engine.output_processor import OutputProcessor
-from nanovllm.engine.request import Request
 from nanovllm.engine.serving_stats import CoreStats, FrontendStats
-from nanovllm.loader import load_hf_config, resolve_model_path
 from nanovllm.outputs import CompletionOutput, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 
@@ -86,15 +84,11 @@ def merge_delta(first: RequestOutput, second: RequestOutput) -> RequestOutput:
 
 class AsyncLLM:
     def __init__(self, config: EngineConfig, startup_timeout_s: float | None = None) -> None:
-        # Only configs and tokenizer files here; the child fetches and loads the weights.
-        model_path = resolve_model_path(config.model, config.revision, weights=False)
-        hf_config = load_hf_config(model_path, config.trust_remote_code)
-        config.finalize(hf_config)
+        # only configs and tokenizer files here; the child fetches and loads the weights
+        files = prepare_model_files(config, weights=False)
         self.config = config
-        self.model_path = model_path
-        self.tokenizer = load_tokenizer(config, model_path)
-        eos_ids = eos_token_ids(hf_config, load_generation_config(model_path), self.tokenizer)
-        self.input_processor = InputProcessor(config, self.tokenizer, eos_ids)
+        self.model_path = files.model_path
+        self.tokenizer = files.tokenizer
         self.output_processor = OutputProcessor(self.tokenizer, always_incremental=True)
         self.stats = FrontendStats()
         self._streams: dict[str, RequestStream] = {}
@@ -102,6 +96,7 @@ class AsyncLLM:
         self._ids = itertools.count()
         self._dead_reason: str | None = None
         self.core = EngineCoreClient(config, self._on_core_message, self._on_core_death, startup_timeout_s)
+        self.input_processor = InputProcessor(config, self.tokenizer, files.eos_token_ids, self.core.num_kv_blocks)
 
     @classmethod
     def from_engine_args(cls, model: str, **engine_args: Any) -> "AsyncLLM":
@@ -134,20 +129,13 @@ class AsyncLLM:
         request_id = request_id if request_id is not None else f"{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        text, prompt_ids = self.input_processor.tokenize(prompt)
-        requests = [self.input_processor.make_request(request_id, prompt_ids, params) for _ in range(params.n)]
-        self._check_fits(requests[0])
-        child_ids = self.output_processor.add_request(request_id, text, prompt_ids, params, stream)
-        now = time.monotonic()
-        for child_id, request in zip(child_ids, requests):
-            request.request_id = child_id
-            request.arrival_time = now
-            if params.seed is not None and params.n > 1:  # the same rule as LLMEngine: distinct samples per seed
-                request.sampling_seed = params.seed + int(child_id.rsplit("#", 1)[1])
-            self.stats.on_added(child_id, now)
+        request = self.input_processor.process(request_id, prompt, params)
+        self.output_processor.add_request(request, stream)
+        for spec in request.engine_requests:
+            self.stats.on_added(spec.request_id, spec.arrival_time)
         stream_state = RequestStream(request_id, merge=stream)
         self._streams[request_id] = stream_state
-        self.core.add_requests(requests)
+        self.core.add_requests(request.engine_requests)
         return self._iterate(stream_state)
 
     async def generate(
@@ -207,16 +195,6 @@ class AsyncLLM:
             self.stats.on_removed(child)
         self.core.abort(children)
 
-    def _check_fits(self, request: Request) -> None:
-        block_size = self.config.block_size
-        needed = -(-(request.num_prompt_tokens + request.max_tokens) // block_size)
-        if needed > self.core.num_kv_blocks:
-            raise ValueError(
-                f"the prompt ({request.num_prompt_tokens} tokens) plus max_tokens ({request.max_tokens}) needs "
-                f"{needed} KV pages, but the whole pool has {self.core.num_kv_blocks} "
-                f"({self.core.num_kv_blocks * block_size} tokens)"
-            )
-
     def _bind_loop(self) -> None:
         loop = asyncio.get_running_loop()
         if self._loop is loop:
@@ -230,7 +208,7 @@ class AsyncLLM:
 
     # ---- messages from the core (reader thread -> event loop) -------------------------------------------------
 
-    def _on_core_message(self, message: tuple) -> None:
+    def _on_core_message(self, message: CoreOutputs | RequestFailed) -> None:
         loop = self._loop
         if loop is None:
             return
@@ -239,29 +217,27 @@ class AsyncLLM:
         except RuntimeError:  # the loop was closed meanwhile; nobody waits for these outputs
             pass
 
-    def _handle_core_message(self, message: tuple) -> None:
-        kind = message[0]
-        if kind == "outputs":
-            outputs = message[1]
-            self.stats.on_outputs(outputs)
-            results, to_stop = self.output_processor.process(outputs)
+    def _handle_core_message(self, message: CoreOutputs | RequestFailed) -> None:
+        if isinstance(message, CoreOutputs):
+            self.stats.on_outputs(message.outputs)
+            results, to_stop = self.output_processor.process(message.outputs)
             if to_stop:  # stop strings found here: the core must stop those requests and free their pages
                 self.core.finish(to_stop)
-                for engine_id, _ in to_stop:
-                    self.stats.on_removed(engine_id, "stop")
+                for stop in to_stop:
+                    self.stats.on_removed(stop.request_id, "stop")
             for out in results:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:
                     stream.put(out)
                     if out.finished:
                         del self._streams[out.request_id]
-        elif kind == "request_error":
-            parent = self.output_processor.child_to_parent.get(message[1])
+        else:
+            parent = self.output_processor.child_to_parent.get(message.request_id)
             if parent is not None:
                 stream = self._streams.pop(parent[0], None)
                 self._abort_now(parent[0])
                 if stream is not None:
-                    stream.put(ValueError(message[2]))
+                    stream.put(ValueError(message.message))
 
     def _on_core_death(self, reason: str) -> None:
         self._dead_reason = reason

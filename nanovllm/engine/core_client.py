@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.core_proc import run_engine_core
+from nanovllm.engine import messages as msg
 from nanovllm.engine.serving_stats import CoreStats
 
 logger = logging.getLogger(__name__)
@@ -38,14 +39,14 @@ class EngineCoreClient:
     def __init__(
         self,
         config: EngineConfig,
-        on_message: Callable[[tuple], None],
+        on_message: Callable[[msg.CoreOutputs | msg.RequestFailed], None],
         on_death: Callable[[str], None],
         startup_timeout_s: float | None = None,
     ) -> None:
         """Start the engine core and wait until it is ready (raises ``EngineStartupError`` with the child's message).
 
-        ``on_message`` gets ("outputs", outputs, stats) and ("request_error", engine id, message) tuples, and
-        ``on_death`` the reason the child died unexpectedly; both run on the reader thread."""
+        ``on_message`` gets the core's outputs and request failures, and ``on_death`` the reason the child died
+        unexpectedly; both run on the reader thread."""
         self._on_message = on_message
         self._on_death = on_death
         self._closing = False
@@ -77,7 +78,7 @@ class EngineCoreClient:
         except BaseException:
             self.shutdown()
             raise
-        self.num_kv_blocks: int = info["num_kv_blocks"]
+        self.num_kv_blocks: int = info.num_kv_pages
         self.latest_stats = CoreStats(num_kv_pages=self.num_kv_blocks)
         self._send_queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name="nanovllm-core-sender", daemon=True)
@@ -96,16 +97,16 @@ class EngineCoreClient:
 
     # ---- requests to the child --------------------------------------------------------------------------------
 
-    def add_requests(self, requests: list[Any]) -> None:
-        self._send(("add", requests))
+    def add_requests(self, requests: tuple[msg.EngineRequest, ...]) -> None:
+        self._send(msg.AddRequests(requests))
 
     def abort(self, engine_request_ids: list[str]) -> None:
         if engine_request_ids:
-            self._send(("abort", engine_request_ids))
+            self._send(msg.AbortRequests(tuple(engine_request_ids)))
 
-    def finish(self, stops: list[tuple[str, str]]) -> None:
+    def finish(self, stops: list[msg.StopString]) -> None:
         if stops:
-            self._send(("finish", stops))
+            self._send(msg.FinishRequests(tuple(stops)))
 
     def query_stats(self) -> concurrent.futures.Future[CoreStats]:
         """A fresh snapshot, answered between two steps (``latest_stats`` may be up to 0.1 s old)."""
@@ -116,17 +117,17 @@ class EngineCoreClient:
         with self._lock:
             query_id = next(self._query_ids)
             self._queries[query_id] = future
-        self._send(("stats", query_id))
+        self._send(msg.QueryStats(query_id))
         return future
 
-    def _send(self, message: tuple) -> None:
+    def _send(self, message: msg.ToCore) -> None:
         if self._closing or self.dead_reason is not None:
             return  # the requests concerned were (or are being) failed by the death handling
         self._send_queue.put(message)
 
     # ---- threads ----------------------------------------------------------------------------------------------
 
-    def _wait_ready(self, timeout_s: float | None) -> dict[str, Any]:
+    def _wait_ready(self, timeout_s: float | None) -> msg.CoreReady:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             # a child that failed may have exited right after writing its message: read before judging liveness
@@ -136,11 +137,11 @@ class EngineCoreClient:
                     message = self._inbox.recv()
                 except (EOFError, OSError):
                     message = None
-                if message is not None and message[0] == "ready":
-                    return message[1]
-                if message is not None and message[0] == "startup_error":
+                if isinstance(message, msg.CoreReady):
+                    return message
+                if isinstance(message, msg.CoreFailed):
                     self._proc.join(5)
-                    raise EngineStartupError(f"the engine core failed to start: {message[1]}")
+                    raise EngineStartupError(f"the engine core failed to start: {message.message}")
                 if message is not None:
                     continue
                 exited = True  # EOF: the child's end is closed
@@ -165,22 +166,21 @@ class EngineCoreClient:
     def _read_loop(self) -> None:
         try:
             while True:
-                message = self._inbox.recv()
-                kind = message[0]
-                if kind == "outputs":
-                    if message[2] is not None:
-                        self.latest_stats = message[2]
-                    if message[1]:
+                message: msg.FromCore = self._inbox.recv()
+                if isinstance(message, msg.CoreOutputs):
+                    if message.stats is not None:
+                        self.latest_stats = message.stats
+                    if message.outputs:
                         self._on_message(message)
-                elif kind == "stats":
-                    self.latest_stats = message[2]
+                elif isinstance(message, msg.StatsReply):
+                    self.latest_stats = message.stats
                     with self._lock:
-                        future = self._queries.pop(message[1], None)
+                        future = self._queries.pop(message.query_id, None)
                     if future is not None and not future.done():
-                        future.set_result(message[2])
-                elif kind == "fatal":
-                    self._fatal_message = message[1]
-                else:
+                        future.set_result(message.stats)
+                elif isinstance(message, msg.CoreFailed):
+                    self._fatal_message = message.message
+                elif isinstance(message, msg.RequestFailed):
                     self._on_message(message)
         except (EOFError, OSError):
             pass
@@ -217,12 +217,12 @@ class EngineCoreClient:
         atexit.unregister(self.shutdown)
         sender = getattr(self, "_sender", None)
         if sender is not None:
-            self._send_queue.put(("shutdown", None))
+            self._send_queue.put(msg.Shutdown())
             self._send_queue.put(_STOP)
             sender.join(1.0)
         else:  # still starting: no sender thread yet
             try:
-                self._outbox.send(("shutdown", None))
+                self._outbox.send(msg.Shutdown())
             except OSError:
                 pass
         self._proc.join(timeout_s)

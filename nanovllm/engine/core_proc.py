@@ -4,14 +4,9 @@ The serving front end (tokenization, detokenization, HTTP) and the step loop wou
 millisecond the front end holds it is a millisecond the GPU waits. So the child owns the executor and the
 ``EngineCore`` and does nothing but drain its inbox, step and send back token outputs.
 
-Link: two one-way ``multiprocessing`` pipes (no ports, no shared-memory names). Messages are small tuples:
-
-    front end -> core : ("add", [Request]) ("abort", [engine ids]) ("finish", [(engine id, stop string)])
-                        ("stats", query id) ("shutdown", None)
-    core -> front end : ("ready", info) ("startup_error", message) ("outputs", [EngineCoreOutput], CoreStats | None)
-                        ("request_error", engine id, message) ("stats", query id, CoreStats) ("fatal", message)
-
-A request's prompt crosses once, in "add"; each step sends only the new token of each request.
+Link: two one-way ``multiprocessing`` pipes (no ports, no shared-memory names) carrying the typed messages of
+``engine/messages.py``. A request's prompt crosses once, in ``AddRequests``; each step's ``CoreOutputs`` carries
+only the new token of each request.
 
 The child must not outlive the front end: it exits on EOF of its inbox (the parent's end closes when the parent
 dies), on a failed send, when its parent pid changes, and (Linux) through PR_SET_PDEATHSIG.
@@ -28,7 +23,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from nanovllm.config import EngineConfig
-from nanovllm.engine.serving_stats import snapshot_core
+from nanovllm.engine import messages as msg
 
 logger = logging.getLogger(__name__)
 
@@ -57,23 +52,23 @@ def run_engine_core(
         core = _build_core(config)
     except BaseException as exc:  # noqa: BLE001 - anything here is a startup failure the parent must see
         logger.debug("engine core startup failed", exc_info=True)
-        _try_send(outbox, ("startup_error", f"{type(exc).__name__}: {exc}"))
+        _try_send(outbox, msg.CoreFailed(f"{type(exc).__name__}: {exc}", during_startup=True))
         sys.exit(1)
-    _try_send(outbox, ("ready", {"num_kv_blocks": core.num_kv_pages, "max_model_len": config.max_model_len}))
+    _try_send(outbox, msg.CoreReady(core.num_kv_pages, config.max_model_len))  # type: ignore[arg-type]
     try:
         _CoreLoop(core, inbox, outbox, parent_pid).run()
     except (EOFError, BrokenPipeError, ConnectionResetError):
         logger.info("front end is gone; engine core exits")
     except BaseException as exc:  # noqa: BLE001
         logger.exception("engine core failed")
-        _try_send(outbox, ("fatal", f"{type(exc).__name__}: {exc}"))
+        _try_send(outbox, msg.CoreFailed(f"{type(exc).__name__}: {exc}"))
         sys.exit(1)
 
 
 def _build_core(config: EngineConfig) -> Any:
     # imported here: these pull in torch and the model code, which only the child needs at this point
     from nanovllm.engine.engine_core import EngineCore
-    from nanovllm.engine.llm_engine import make_executor
+    from nanovllm.executor import make_executor
     from nanovllm.loader import load_hf_config, resolve_model_path
 
     model_path = resolve_model_path(config.model, config.revision, weights=config.load_format != "dummy")
@@ -112,9 +107,9 @@ class _CoreLoop:
             now = time.monotonic()
             stats = None
             if now - self.last_stats >= STATS_INTERVAL_S:
-                stats, self.last_stats, self.stats_dirty = snapshot_core(self.core), now, False
+                stats, self.last_stats, self.stats_dirty = self.core.snapshot(), now, False
             if outputs or stats is not None:
-                self.outbox.send(("outputs", outputs, stats))
+                self.outbox.send(msg.CoreOutputs(outputs, stats))
 
     def _wait_for_input(self, timeout: float | None) -> None:
         """Block until a message arrives (or ``timeout``), checking now and then that the parent lives."""
@@ -132,30 +127,26 @@ class _CoreLoop:
         while not self.stopping and self.inbox.poll(0):
             self._handle(self.inbox.recv())
 
-    def _handle(self, message: tuple) -> None:
-        kind, payload = message
+    def _handle(self, message: msg.ToCore) -> None:
         self.stats_dirty = True
-        if kind == "add":
-            for request in payload:
-                try:
-                    self.core.add_request(request)
-                except ValueError as exc:  # the front end checks first; this is the backstop
-                    self.outbox.send(("request_error", request.request_id, str(exc)))
-        elif kind == "abort":
-            for request_id in payload:
+        if isinstance(message, msg.AddRequests):
+            for spec in message.requests:
+                self.core.add_request(spec)
+        elif isinstance(message, msg.AbortRequests):
+            for request_id in message.request_ids:
                 self.core.abort_request(request_id)
-        elif kind == "finish":
-            for request_id, stop_string in payload:
-                self.core.finish_request(request_id, stop_string)
-        elif kind == "stats":
-            self.outbox.send(("stats", payload, snapshot_core(self.core)))
-        elif kind == "shutdown":
+        elif isinstance(message, msg.FinishRequests):
+            for stop in message.stops:
+                self.core.finish_request(stop.request_id, stop.stop)
+        elif isinstance(message, msg.QueryStats):
+            self.outbox.send(msg.StatsReply(message.query_id, self.core.snapshot()))
+        elif isinstance(message, msg.Shutdown):
             self.stopping = True
         else:
-            logger.warning("engine core ignores unknown message %r", kind)
+            logger.warning("engine core ignores an unknown message %r", message)
 
     def _send_stats(self) -> None:
-        self.outbox.send(("outputs", [], snapshot_core(self.core)))
+        self.outbox.send(msg.CoreOutputs([], self.core.snapshot()))
         self.stats_dirty, self.last_stats = False, time.monotonic()
 
 
@@ -170,7 +161,7 @@ def _set_parent_death_signal() -> None:
         logger.debug("prctl(PR_SET_PDEATHSIG) is unavailable")
 
 
-def _try_send(conn: Connection, message: tuple) -> None:
+def _try_send(conn: Connection, message: msg.FromCore) -> None:
     try:
         conn.send(message)
     except OSError:

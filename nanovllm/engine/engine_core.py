@@ -5,27 +5,19 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
 
 from torch.profiler import record_function
 
 from nanovllm.config import EngineConfig
+from nanovllm.engine.batch_builder import build_host_batch
 from nanovllm.engine.kv_manager import KVCacheManager
+from nanovllm.engine.messages import EngineCoreOutput, EngineRequest
 from nanovllm.engine.request import Request, RequestStatus
 from nanovllm.engine.scheduler import Scheduler, SchedulerOutput
+from nanovllm.engine.serving_stats import CoreStats
+from nanovllm.executor.base import Executor, LaunchedStep
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineCoreOutput:
-    request_id: str
-    new_token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
-    stop_reason: int | str | None = None
-    num_cached_tokens: int = 0
-    logprobs: list[dict[int, float]] | None = None  # one dict per new token
-    prompt_logprobs: list[dict[int, float] | None] | None = None  # with the first token only
 
 
 @dataclass
@@ -40,42 +32,39 @@ class EngineStats:
     host_time_s: float = 0.0  # of that, time the host was busy (not waiting for the device)
 
 
+@dataclass
+class _InFlight:
+    sched: SchedulerOutput
+    step: LaunchedStep
+
+
 class EngineCore:
-    def __init__(self, config: EngineConfig, executor: object) -> None:
+    def __init__(self, config: EngineConfig, executor: Executor) -> None:
         self.config = config
         self.executor = executor
+        self.vocab_size: int = config.hf_config.vocab_size
         self.kv = KVCacheManager(executor.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         # a pipeline of N stages keeps N disjoint micro-batches in flight, so no stage waits for the others
-        num_micro_batches = getattr(executor, "num_micro_batches", 1)
+        num_micro_batches = executor.num_micro_batches
         self.scheduler = Scheduler(
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len, num_micro_batches
         )
         self.stats = EngineStats()
         overlap = config.async_scheduling
-        self.overlap = getattr(executor, "device_type", "cpu") == "cuda" if overlap is None else overlap
+        self.overlap = executor.device_type == "cuda" if overlap is None else overlap
         # steps left running between calls of step(): one more with overlap scheduling, and with micro-batches
         # one fewer than their number (the last is launched just before the oldest is collected)
         self.num_micro_batches = num_micro_batches
         self.max_in_flight = (num_micro_batches - 1) + (1 if self.overlap else 0)
-        self.in_flight: deque[tuple[SchedulerOutput, Any]] = deque()
+        self.in_flight: deque[_InFlight] = deque()
 
     @property
     def num_kv_pages(self) -> int:
         return self.kv.num_pages
 
-    def check_fits(self, request: Request) -> None:
-        """A request that could never fit in the pool would wait forever: refuse it up front."""
-        needed = self.kv.pages_for(request.num_prompt_tokens + request.max_tokens)
-        if needed > self.kv.num_pages:
-            raise ValueError(
-                f"the prompt ({request.num_prompt_tokens} tokens) plus max_tokens ({request.max_tokens}) needs "
-                f"{needed} KV pages, but the whole pool has {self.kv.num_pages} "
-                f"({self.kv.num_pages * self.config.block_size} tokens)"
-            )
-
-    def add_request(self, request: Request) -> None:
-        self.check_fits(request)
-        self.scheduler.add_request(request)
+    def add_request(self, spec: EngineRequest) -> None:
+        """Queue a request the input processor made (which checked that it fits the pool)."""
+        self.scheduler.add_request(Request.from_spec(spec))
 
     def abort_request(self, request_id: str) -> None:
         self.scheduler.abort_request(request_id)
@@ -102,18 +91,19 @@ class EngineCore:
             sched = self.scheduler.schedule()
         if not sched.is_empty:
             with record_function("nanovllm.launch"):
-                self.in_flight.append((sched, self.executor.launch(sched)))
+                host = build_host_batch(sched, self.config.block_size, self.vocab_size)
+                self.in_flight.append(_InFlight(sched, self.executor.launch(host)))
         updated = []
         if self.in_flight and (len(self.in_flight) > self.max_in_flight or sched.is_empty):
-            done_sched, pending = self.in_flight.popleft()
+            done = self.in_flight.popleft()
             with record_function("nanovllm.collect"):
-                result = self.executor.collect(pending)
+                result = self.executor.collect(done.step)
             with record_function("nanovllm.update"):
-                updated = self.scheduler.update(done_sched, result)
-            self._count(done_sched, len(updated))
+                updated = self.scheduler.update(done.sched, result)
+            self._count(done.sched, len(updated))
         step_time = time.perf_counter() - start
         self.stats.step_time_s += step_time
-        self.stats.host_time_s += step_time - getattr(self.executor, "take_wait_time", lambda: 0.0)()
+        self.stats.host_time_s += step_time - self.executor.take_wait_time()
         return [self._output(request, token, logprobs) for request, token, logprobs in updated]
 
     @staticmethod
@@ -131,7 +121,7 @@ class EngineCore:
             request.prompt_logprobs_sent = True
         return out
 
-    def _count(self, sched: object, num_generated: int) -> None:
+    def _count(self, sched: SchedulerOutput, num_generated: int) -> None:
         stats = self.stats
         stats.num_steps += 1
         stats.num_generated_tokens += num_generated
@@ -142,6 +132,19 @@ class EngineCore:
         for chunk in sched.chunks:
             if chunk.start < chunk.request.num_prompt_tokens:
                 stats.num_prompt_tokens += min(chunk.num_tokens, chunk.request.num_prompt_tokens - chunk.start)
+
+    def snapshot(self) -> CoreStats:
+        """The state now, for a front end (counters are totals since start)."""
+        cache, stats = self.kv.prefix_cache, self.stats
+        idle = cache.num_evictable_pages if cache is not None else 0  # idle cached pages count as free, as in vLLM
+        return CoreStats(
+            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            num_kv_pages=self.kv.num_pages, num_used_pages=self.kv.allocator.num_used - idle,
+            num_cached_pages=cache.num_cached_pages if cache is not None else 0,
+            prefix_cache_queries=stats.prefix_cache_queries, prefix_cache_hits=stats.prefix_cache_hits,
+            num_prompt_tokens=stats.num_prompt_tokens, num_generated_tokens=stats.num_generated_tokens,
+            num_preemptions=stats.num_preemptions, num_steps=stats.num_steps, timestamp=time.time(),
+        )
 
     def kv_usage(self) -> float:
         return self.kv.allocator.num_used / self.kv.num_pages

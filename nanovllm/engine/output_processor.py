@@ -10,14 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
-from nanovllm.engine.engine_core import EngineCoreOutput
+from nanovllm.engine.input_processor import ProcessedRequest, sample_request_id
+from nanovllm.engine.messages import EngineCoreOutput, StopString
 from nanovllm.outputs import CompletionOutput, RequestOutput
 from nanovllm.sampling_params import SamplingParams
-
-
-def child_request_id(request_id: str, index: int, n: int) -> str:
-    return request_id if n == 1 else f"{request_id}#{index}"
-
 
 @dataclass
 class _Completion:
@@ -55,10 +51,8 @@ class OutputProcessor:
         self.states: dict[str, _RequestState] = {}
         self.child_to_parent: dict[str, tuple[str, int]] = {}
 
-    def add_request(
-        self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams, stream: bool
-    ) -> list[str]:
-        """Register a user request; returns the engine request ids of its ``n`` samples."""
+    def add_request(self, request: ProcessedRequest, stream: bool) -> None:
+        request_id, params, prompt_token_ids = request.request_id, request.sampling_params, request.prompt_token_ids
         if request_id in self.states:
             raise ValueError(f"request_id {request_id!r} is already in use")
         # incremental decoding costs CPU on every step, so it runs only where text is needed before the end
@@ -71,27 +65,26 @@ class OutputProcessor:
             )
             for i in range(params.n)
         ]
-        self.states[request_id] = _RequestState(request_id, prompt, prompt_token_ids, params, stream, completions)
-        child_ids = [child_request_id(request_id, i, params.n) for i in range(params.n)]
-        for i, child in enumerate(child_ids):
-            self.child_to_parent[child] = (request_id, i)
-        return child_ids
+        self.states[request_id] = _RequestState(request_id, request.prompt, prompt_token_ids, params, stream,
+                                                completions)
+        for i, spec in enumerate(request.engine_requests):
+            self.child_to_parent[spec.request_id] = (request_id, i)
 
     def abort_request(self, request_id: str) -> list[str]:
         """Forget a user request; returns the engine request ids to abort."""
         state = self.states.pop(request_id, None)
         if state is None:
             return []
-        children = [child_request_id(request_id, i, state.params.n) for i in range(state.params.n)]
+        children = [sample_request_id(request_id, i, state.params.n) for i in range(state.params.n)]
         for child in children:
             self.child_to_parent.pop(child, None)
         return children
 
-    def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[tuple[str, str]]]:
+    def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[StopString]]:
         """Fold engine outputs in. Returns the user outputs to deliver (every touched request when streaming,
-        else only finished ones) and the (engine request id, stop string) pairs the core must finish."""
+        else only finished ones) and the stop strings found, whose requests the core must finish."""
         touched: dict[str, _RequestState] = {}
-        to_stop: list[tuple[str, str]] = []
+        to_stop: list[StopString] = []
         now = time.monotonic()
         for out in outputs:
             parent = self.child_to_parent.get(out.request_id)
@@ -117,7 +110,7 @@ class OutputProcessor:
                 completion.output.text = completion.detokenizer.text
                 if completion.detokenizer.stop_reason is not None and finish_reason is None:
                     finish_reason, stop_reason = "stop", completion.detokenizer.stop_reason
-                    to_stop.append((out.request_id, stop_reason))
+                    to_stop.append(StopString(out.request_id, stop_reason))
             if finish_reason is not None:
                 self._finish(completion, finish_reason, stop_reason, state.params)
                 state.num_finished += 1

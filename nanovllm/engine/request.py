@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from nanovllm.engine.messages import EngineRequest
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -55,13 +56,18 @@ class Request:
     prefix_node: Any = None  # the prefix-cache node this request has locked, if any
     prompt_logprobs: list[dict[int, float]] = field(default_factory=list)  # for prompt positions 1.. (echo)
     prompt_logprobs_sent: bool = False
-    sample_row: int = -1  # row of this request's last sampled token in its step's output tensor
+    sample_row: int = -1  # row of this request's last sampled token in its step's samples (on the device)
     in_flight: bool = False  # in a launched micro-batch not yet collected (pipeline parallelism)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
         self.num_prompt_tokens = len(self.prompt_token_ids)
         self._page_array = np.empty(0, dtype=np.int32)
+
+    @classmethod
+    def from_spec(cls, spec: EngineRequest) -> "Request":
+        return cls(spec.request_id, list(spec.prompt_token_ids), spec.sampling_params, spec.max_tokens,
+                   spec.sampling_seed, spec.eos_token_ids, spec.arrival_time)
 
     def set_page_table(self, pages: list[int]) -> None:
         """Replace the page table (release or prefix match); appending to it needs no call."""

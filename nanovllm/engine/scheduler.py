@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from nanovllm.engine.kv_manager import KVCacheManager
 from nanovllm.engine.request import PLACEHOLDER, Request, RequestStatus
+from nanovllm.executor.base import ModelOutput
 
 
 @dataclass
@@ -41,16 +42,6 @@ class SchedulerOutput:
     @property
     def sampled_chunks(self) -> list[ScheduledChunk]:
         return [chunk for chunk in self.chunks if chunk.sample]
-
-
-@dataclass
-class ModelOutput:
-    """What the executor returns for a ``SchedulerOutput``; lists follow ``sampled_chunks``."""
-
-    token_ids: list[int]
-    logprobs: list[dict[int, float] | None] | None = None
-    # per request id: logprobs of the prompt tokens this step's chunk covered (entries for positions >= 1)
-    prompt_logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
 
 
 class Scheduler:

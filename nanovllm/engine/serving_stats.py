@@ -43,35 +43,6 @@ class CoreStats:
         return self.num_used_pages / self.num_kv_pages if self.num_kv_pages else 0.0
 
 
-def snapshot_core(core: Any) -> CoreStats:
-    """Read a ``CoreStats`` off an ``EngineCore`` (tolerant of a KV manager without a prefix cache)."""
-    kv = core.kv
-    used = kv.allocator.num_used
-    cache = getattr(kv, "prefix_cache", None)
-    cached = int(getattr(cache, "num_cached_pages", 0)) if cache is not None else 0
-    idle = int(getattr(cache, "num_evictable_pages", 0)) if cache is not None else 0
-    stats = core.stats
-    queries, hits = stats.prefix_cache_queries, stats.prefix_cache_hits
-    cache_stats = getattr(cache, "stats", None)
-    if cache_stats is not None:  # the engine may not copy the cache's own counters into EngineStats
-        queries = max(queries, int(getattr(cache_stats, "query_tokens", 0)))
-        hits = max(hits, int(getattr(cache_stats, "hit_tokens", 0)))
-    return CoreStats(
-        num_running=core.scheduler.num_running,
-        num_waiting=core.scheduler.num_waiting,
-        num_kv_pages=kv.num_pages,
-        num_used_pages=max(used - idle, 0),
-        num_cached_pages=cached,
-        prefix_cache_queries=queries,
-        prefix_cache_hits=hits,
-        num_prompt_tokens=stats.num_prompt_tokens,
-        num_generated_tokens=stats.num_generated_tokens,
-        num_preemptions=stats.num_preemptions,
-        num_steps=stats.num_steps,
-        timestamp=time.time(),
-    )
-
-
 class Histogram:
     """A cumulative-bucket histogram in the Prometheus sense (``le`` bounds, plus +Inf)."""
 

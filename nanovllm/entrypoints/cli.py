@@ -28,7 +28,7 @@ def _add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None
 
 
 def _sampling_params(args: argparse.Namespace, **overrides: Any) -> Any:
-    from nanovllm import SamplingParams
+    from nanovllm.sampling_params import SamplingParams
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, min_p=args.min_p, stop=args.stop, ignore_eos=args.ignore_eos, **overrides)
@@ -73,7 +73,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> None:
-    from nanovllm import LLM
+    from nanovllm.llm import LLM
 
     llm = LLM(args.model, **engine_kwargs(args))
     outputs = llm.generate(args.prompt, _sampling_params(args, n=args.n), use_tqdm=False)
@@ -126,8 +126,7 @@ def _run_chat(args: argparse.Namespace) -> None:
             if not line.strip():
                 continue
             history.append({"role": "user", "content": line})
-            text = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
-            prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+            prompt_ids = engine.input_processor.render_chat(history)
             try:
                 answer = asyncio.run(reply(prompt_ids))  # one loop per turn; AsyncLLM rebinds when idle
             except KeyboardInterrupt:  # the task was cancelled, which aborted the request
@@ -187,7 +186,7 @@ def build_parser(load_benchmarks: bool = True) -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from nanovllm import __version__
+    from nanovllm.version import __version__
 
     return __version__
 

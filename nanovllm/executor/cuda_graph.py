@@ -4,24 +4,24 @@ A decode step launches hundreds of small kernels; replaying them as one graph re
 from the host. Graphs read their inputs from static buffers, so a step copies its batch into those, pads the batch
 up to the bucket (padding rows write no KV and read one token of page 0), and replays.
 
-A pipeline stage is captured the same way: a stage after the first reads the received ``(hidden, residual)`` from
-a static buffer instead of embedding tokens, and a stage before the last leaves its pair as the graph's output
-instead of logits.
+A pipeline stage is captured the same way: a stage after the first reads the received ``StageTensors`` from a
+static buffer instead of embedding tokens, and a stage before the last leaves its ``StageTensors`` as the graph's
+output instead of logits.
 """
 from __future__ import annotations
 
 import gc
 import logging
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
+from nanovllm.executor.input_batch import ForwardBatch
+from nanovllm.layers.attention.base import AttentionBackend
 from nanovllm.layers.attention.context import set_forward_context
 from nanovllm.layers.attention.metadata import AttentionMetadata
-
-if TYPE_CHECKING:
-    from nanovllm.executor.input_batch import ForwardBatch
-    from nanovllm.executor.model_runner import ModelRunner
+from nanovllm.models.pipeline_stage import StageTensors
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +31,27 @@ def batch_size_buckets(max_batch_size: int) -> list[int]:
     return small + list(range(16, max_batch_size, 16)) + [max_batch_size]
 
 
+@dataclass
+class ForwardOutput:
+    """A forward's results: logits of the rows to sample, the hidden states of every row (not from a graph: no
+    caller needs them for decode), and on a pipeline stage before the last, the tensors for the next stage."""
+
+    logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    to_next_stage: StageTensors | None = None
+
+
 class CUDAGraphRunner:
-    def __init__(self, runner: ModelRunner, max_batch_size: int, max_model_len: int) -> None:
-        self.runner = runner
+    def __init__(
+        self, model: nn.Module, backend: AttentionBackend, device: torch.device, dtype: torch.dtype,
+        max_batch_size: int, max_model_len: int, block_size: int, receives_stage_input: bool = False,
+    ) -> None:
+        """``receives_stage_input``: the model is a pipeline stage after the first."""
+        self.model = model
+        self.backend = backend
         self.buckets = batch_size_buckets(max_batch_size)
         self.max_batch_size = max_batch_size
-        device = runner.device
-        max_pages = -(-max_model_len // runner.block_size)
+        max_pages = -(-max_model_len // block_size)
         self.input_ids = torch.zeros(max_batch_size, dtype=torch.int64, device=device)
         self.positions = torch.zeros(max_batch_size, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((max_batch_size,), -1, dtype=torch.int64, device=device)
@@ -47,14 +61,16 @@ class CUDAGraphRunner:
         self.decode_order = torch.arange(max_batch_size, dtype=torch.int32, device=device)
         self.row_ids = torch.arange(max_batch_size, dtype=torch.int32, device=device)
         self.max_model_len = max_model_len
+        self.device = device
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor | None] = {}
-        model = runner.model
-        self.stage_input: torch.Tensor | None = None  # (hidden, residual) as received from the previous stage
-        if getattr(model, "is_pipeline_stage", False) and not model.stage_is_first:
-            self.stage_input = torch.zeros(2, max_batch_size, model.stage_hidden_size, device=device,
-                                           dtype=runner.dtype)
-        self.stage_outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # a stage before the last: its pair
+        self.outputs: dict[int, ForwardOutput] = {}
+        self.stage_input: StageTensors | None = None  # static copies of what the previous stage sent
+        if receives_stage_input:
+            hidden_size = model.stage_hidden_size
+            self.stage_input = StageTensors(
+                torch.zeros(max_batch_size, hidden_size, device=device, dtype=dtype),
+                torch.zeros(max_batch_size, hidden_size, device=device, dtype=dtype),
+            )
 
     def _meta(self, batch_size: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -67,16 +83,15 @@ class CUDAGraphRunner:
             decode_order=self.decode_order[:batch_size],
         )
 
-    def _forward(self, batch_size: int, meta: AttentionMetadata) -> torch.Tensor | None:
-        model = self.runner.model
+    def _forward(self, batch_size: int, meta: AttentionMetadata) -> ForwardOutput:
+        args = [self.input_ids[:batch_size], self.positions[:batch_size]]
         if self.stage_input is not None:
-            model.stage_input = (self.stage_input[0, :batch_size], self.stage_input[1, :batch_size])
-        with set_forward_context(meta, self.runner.backend, self.runner.compile_ops):
-            hidden = model(self.input_ids[:batch_size], self.positions[:batch_size])
-        stage_output = getattr(model, "stage_output", None)
-        if stage_output is not None:
-            self.stage_outputs[batch_size], model.stage_output = stage_output, None
-        return model.compute_logits(hidden)  # None on a stage before the last
+            args.append(StageTensors(self.stage_input.hidden[:batch_size], self.stage_input.residual[:batch_size]))
+        with set_forward_context(meta, self.backend):
+            out = self.model(*args)
+        if isinstance(out, StageTensors):
+            return ForwardOutput(to_next_stage=out)
+        return ForwardOutput(logits=self.model.compute_logits(out))
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -94,12 +109,12 @@ class CUDAGraphRunner:
         pool = None
         for batch_size in reversed(self.buckets):  # largest first, so smaller graphs fit in its memory pool
             meta = self._meta(batch_size)
-            self.runner.backend.prepare(meta)
+            self.backend.prepare(meta)
             self._forward(batch_size, meta)  # warm-up: compiles kernels and settles the allocator
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.logits[batch_size] = self._forward(batch_size, meta)
+                self.outputs[batch_size] = self._forward(batch_size, meta)
             pool = graph.pool() if pool is None else pool
             self.graphs[batch_size] = graph
         torch.cuda.synchronize()
@@ -110,9 +125,8 @@ class CUDAGraphRunner:
         for graph in self.graphs.values():
             graph.reset()
         self.graphs.clear()
-        self.logits.clear()
-        self.stage_outputs.clear()
-        torch.cuda.synchronize(self.runner.device)  # named: this may run on a thread whose current device is 0
+        self.outputs.clear()
+        torch.cuda.synchronize(self.device)  # named: this may run on a thread whose current device is 0
 
     def can_run(self, batch: ForwardBatch) -> bool:
         """Steps of one token per sequence where every row samples (or none does): a graph yields logits for all
@@ -120,22 +134,17 @@ class CUDAGraphRunner:
         give the sampler a row too many."""
         meta = batch.meta
         rows_sampled = batch.logits_indices.shape[0] if batch.sampling is not None else meta.num_seqs
-        return (meta.is_decode_only and meta.num_seqs <= self.max_batch_size and batch.prompt_spans is None
+        return (meta.is_decode_only and meta.num_seqs <= self.max_batch_size and batch.prompt is None
                 and rows_sampled == meta.num_seqs)
 
-    def run(self, batch: ForwardBatch) -> tuple[torch.Tensor | None, None]:
-        """Logits of every row (decode rows all sample). No hidden states: no caller needs them for decode. A stage
-        before the last leaves its ``(hidden, residual)`` in the model's ``stage_output`` instead, as an eager
-        forward does."""
+    def run(self, batch: ForwardBatch, stage_input: StageTensors | None = None) -> ForwardOutput:
+        """Logits of every row (decode rows all sample), or the tensors for the next stage."""
         meta = batch.meta
         size = meta.num_seqs
         bucket = next(b for b in self.buckets if b >= size)
-        model = self.runner.model
-        if self.stage_input is not None:
-            hidden, residual = model.stage_input
-            self.stage_input[0, :size].copy_(hidden)
-            self.stage_input[1, :size].copy_(residual)
-            model.stage_input = None
+        if self.stage_input is not None and stage_input is not None:
+            self.stage_input.hidden[:size].copy_(stage_input.hidden)
+            self.stage_input.residual[:size].copy_(stage_input.residual)
         self.input_ids[:size].copy_(batch.input_ids)
         self.positions[:size].copy_(batch.positions)
         self.slot_mapping[:size].copy_(meta.slot_mapping)
@@ -149,8 +158,8 @@ class CUDAGraphRunner:
         self.decode_order[:size].copy_(order)
         self.decode_order[size:bucket].copy_(self.row_ids[size:bucket])  # padding rows (length 1) last
         self.graphs[bucket].replay()
-        if bucket in self.stage_outputs:
-            hidden, residual = self.stage_outputs[bucket]
-            model.stage_output = (hidden[:size], residual[:size])
-        logits = self.logits[bucket]
-        return (None if logits is None else logits[:size]), None
+        out = self.outputs[bucket]
+        if out.to_next_stage is not None:
+            return ForwardOutput(to_next_stage=StageTensors(out.to_next_stage.hidden[:size],
+                                                          out.to_next_stage.residual[:size]))
+        return ForwardOutput(logits=None if out.logits is None else out.logits[:size])

@@ -1,16 +1,16 @@
-"""Turn a scheduled batch into the flat tensors a forward needs."""
+"""A step's inputs: ``HostBatch`` (flat arrays on the host, what the engine hands the executor and tensor-parallel
+ranks receive) and ``ForwardBatch`` (the same on the device, with the attention metadata a forward reads)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from nanovllm.engine.request import PLACEHOLDER
-from nanovllm.engine.scheduler import ScheduledChunk, SchedulerOutput
 from nanovllm.executor.staging import HostStager
 from nanovllm.layers.attention.metadata import AttentionMetadata
-from nanovllm.layers.sampler import Penalties, SamplingBatch, row_keys
+from nanovllm.layers.sampler import Penalties, SamplingBatch
 
 
 def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -21,214 +21,147 @@ def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+@dataclass(frozen=True)
+class PromptSpan:
+    """Prompt tokens of one request scored this step (echo / prompt_logprobs): ``num_tokens`` consecutive rows of
+    ``PromptScoring.rows``, each with the ``top_n`` most likely tokens beside it."""
+
+    request_id: str
+    num_tokens: int
+    top_n: int
+
+
+@dataclass
+class PromptScoring:
+    rows: np.ndarray  # int64: row p - 1 scores prompt token p
+    targets: np.ndarray  # int64: those prompt tokens
+    spans: list[PromptSpan]
+
+    @property
+    def top_n(self) -> int:
+        return max(span.top_n for span in self.spans)
+
+
+@dataclass
+class HostPenalties:
+    presence: np.ndarray  # [B] float32
+    frequency: np.ndarray  # [B] float32
+    repetition: np.ndarray  # [B] float32
+    output_counts: np.ndarray  # [B, V] float32
+    seen: np.ndarray  # [B, V] bool
+
+
+@dataclass
+class HostSampling:
+    """Per sampled row (in the order of ``HostBatch.logits_indices``): settings, and flags picking the code path."""
+
+    temperatures: np.ndarray  # float32; 0 for greedy rows
+    top_ks: np.ndarray  # int64; the vocabulary size when disabled
+    top_ps: np.ndarray  # float32
+    min_ps: np.ndarray  # float32
+    keys: np.ndarray  # int64 noise keys, from (request seed, output index)
+    all_greedy: bool
+    use_top_k_top_p: bool
+    use_min_p: bool
+    row_logprobs: list[int | None]  # top logprobs each row asks for (None: no logprobs)
+    banned_rows: np.ndarray | None = None  # (row, token) pairs that may not be sampled yet (min_tokens)
+    banned_tokens: np.ndarray | None = None
+    penalties: HostPenalties | None = None
+
+    @property
+    def num_logprobs(self) -> int:
+        """The most top logprobs any row asks for; -1: no row wants logprobs."""
+        return max((n for n in self.row_logprobs if n is not None), default=-1)
+
+
+@dataclass
+class HostBatch:
+    """A step's inputs on the host: plain arrays and numbers, cheap to pickle."""
+
+    input_ids: np.ndarray  # [num_tokens] int64 (a placeholder where the token is still on the device)
+    positions: np.ndarray  # [num_tokens] int64
+    slot_mapping: np.ndarray  # [num_tokens] int64
+    query_start_loc: np.ndarray  # [batch + 1] int32
+    seq_lens: np.ndarray  # [batch] int32
+    block_tables: np.ndarray  # [batch, max_pages] int32
+    logits_indices: np.ndarray  # [num_sampled] int32: the rows whose logits are sampled
+    query_lens: list[int]
+    decode_order: np.ndarray | None = None  # decode-only batches: rows longest first
+    # overlap scheduling: input rows whose token is still on the device, and that token's row in the last samples
+    pending_rows: np.ndarray | None = None
+    pending_sources: np.ndarray | None = None
+    sampling: HostSampling | None = None  # None: no row samples
+    prompt: PromptScoring | None = None  # None: no prompt token is scored
+    page_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) copy-on-write before the forward
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_sampled(self) -> int:
+        return self.logits_indices.shape[0] if self.sampling is not None else 0
+
+
 @dataclass
 class ForwardBatch:
     input_ids: torch.Tensor  # [num_tokens]
     positions: torch.Tensor  # [num_tokens]
     meta: AttentionMetadata
-    logits_indices: torch.Tensor  # [num_sampled] rows whose logits are sampled
+    logits_indices: torch.Tensor  # [num_sampled]
     sampling: SamplingBatch | None
-    # overlap scheduling: input rows whose token is still on the device, and their row in the last step's samples
     pending_rows: torch.Tensor | None = None
     pending_sources: torch.Tensor | None = None
-    # echo / prompt logprobs: rows whose next prompt token is scored, those tokens, and (request id, count, top-N)
     prompt_rows: torch.Tensor | None = None
     prompt_targets: torch.Tensor | None = None
-    prompt_spans: list[tuple[str, int, int]] | None = None
+    prompt: PromptScoring | None = None
 
 
-@dataclass
-class HostBatch:
-    """A step's inputs on the host: plain arrays and numbers, cheap to pickle (tensor-parallel ranks get this)."""
-
-    arrays: dict[str, np.ndarray]
-    query_lens: list[int]
-    seq_lens: list[int]
-    prompt_spans: list[tuple[str, int, int]]
-    sampling_flags: dict | None  # None: no row samples
-    num_logprobs: int = -1
-    page_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write before the forward
-
-
-def build_forward_batch(sched: SchedulerOutput, block_size: int, vocab_size: int, stager: HostStager) -> ForwardBatch:
-    return to_forward_batch(build_host_batch(sched, block_size, vocab_size), stager)
-
-
-def build_host_batch(sched: SchedulerOutput, block_size: int, vocab_size: int) -> HostBatch:
-    chunks = sched.chunks
-    query_lens = [chunk.num_tokens for chunk in chunks]
-    seq_lens = [chunk.start + chunk.num_tokens for chunk in chunks]
-
-    input_list: list[int] = []
-    position_list: list[int] = []
-    max_pages = max(-(-s // block_size) for s in seq_lens)
-    block_tables = np.zeros((len(chunks), max_pages), dtype=np.int32)
-    pending_rows: list[int] = []
-    pending_sources: list[int] = []
-    wants_prompt_logprobs = False
-    for i, chunk in enumerate(chunks):
-        request, start, n = chunk.request, chunk.start, chunk.num_tokens
-        if n == 1:  # the common decode row, without slicing
-            token = request.token_ids[start]
-            if token == PLACEHOLDER:  # its token is still on the device (overlap scheduling)
-                pending_rows.append(len(input_list))
-                pending_sources.append(request.sample_row)
-            input_list.append(token)
-            position_list.append(start)
-        else:
-            input_list.extend(request.token_ids[start : start + n])
-            position_list.extend(range(start, start + n))
-        pages = request.page_array()
-        block_tables[i, : len(pages)] = pages
-        wants_prompt_logprobs |= request.sampling_params.prompt_logprobs is not None
-    input_ids = np.asarray(input_list, dtype=np.int64)
-    positions = np.asarray(position_list, dtype=np.int64)
-    page_index = positions // block_size
-    row_of_token = np.repeat(np.arange(len(chunks)), query_lens)
-    slot_mapping = block_tables[row_of_token, page_index].astype(np.int64) * block_size + positions % block_size
-    query_start_loc = np.zeros(len(chunks) + 1, dtype=np.int32)
-    np.cumsum(query_lens, out=query_start_loc[1:])
-    sampled_rows = [i for i, chunk in enumerate(chunks) if chunk.sample]
-    prompt_rows, prompt_targets, prompt_spans = (
-        _prompt_logprob_rows(chunks, query_start_loc) if wants_prompt_logprobs else ([], [], [])
-    )
-    logits_indices = query_start_loc[1:][sampled_rows] - 1
-
-    seq_lens_array = np.asarray(seq_lens, dtype=np.int32)
-    arrays = {
-        "input_ids": input_ids, "positions": positions, "slot_mapping": slot_mapping,
-        "query_start_loc": query_start_loc, "seq_lens": seq_lens_array,
-        "block_tables": block_tables, "logits_indices": logits_indices,
-    }
-    if len(input_ids) == len(chunks):  # decode only: start the longest contexts' attention first
-        arrays["decode_order"] = np.argsort(-seq_lens_array, kind="stable").astype(np.int32)
-    if pending_rows:
-        arrays["pending_rows"] = np.asarray(pending_rows, dtype=np.int64)
-        arrays["pending_sources"] = np.asarray(pending_sources, dtype=np.int64)
-    if prompt_spans:
-        arrays["prompt_rows"] = np.asarray(prompt_rows, dtype=np.int64)
-        arrays["prompt_targets"] = np.asarray(prompt_targets, dtype=np.int64)
-    sampled_chunks = [chunks[i] for i in sampled_rows]
-    host = HostBatch(arrays, query_lens, seq_lens, prompt_spans, None)
-    if sampled_chunks:
-        host.sampling_flags = _sampling_arrays(sampled_chunks, vocab_size, arrays)
-        host.num_logprobs = _rare_sampling_arrays(sampled_chunks, vocab_size, arrays)
-    return host
+def _arrays(value: object) -> dict[str, np.ndarray]:
+    """Every array field of a host dataclass and of those nested in it, by field name (the names are unique)."""
+    found: dict[str, np.ndarray] = {}
+    for f in dataclasses.fields(value):  # type: ignore[arg-type]
+        item = getattr(value, f.name)
+        if isinstance(item, np.ndarray):
+            found[f.name] = item
+        elif dataclasses.is_dataclass(item):
+            found.update(_arrays(item))
+    return found
 
 
 def to_forward_batch(host: HostBatch, stager: HostStager) -> ForwardBatch:
-    on_device = stager.transfer(host.arrays)
+    """All of the step's arrays go to the device in one copy; this names them again on the other side."""
+    on_device = stager.transfer(_arrays(host))
+    seq_lens = host.seq_lens.tolist()
     meta = AttentionMetadata(
         slot_mapping=on_device["slot_mapping"],
         query_start_loc=on_device["query_start_loc"],
         seq_lens=on_device["seq_lens"],
         block_tables=on_device["block_tables"],
         max_query_len=max(host.query_lens),
-        max_seq_len=max(host.seq_lens),
+        max_seq_len=max(seq_lens),
         decode_order=on_device.get("decode_order"),
         query_lens_cpu=host.query_lens,
-        seq_lens_cpu=host.seq_lens,
+        seq_lens_cpu=seq_lens,
     )
     sampling = None
-    if host.sampling_flags is not None:
+    if host.sampling is not None:
+        flags = host.sampling
         sampling = SamplingBatch(
             temperatures=on_device["temperatures"], top_ks=on_device["top_ks"], top_ps=on_device["top_ps"],
-            min_ps=on_device["min_ps"], keys=on_device["keys"], **host.sampling_flags,
-            num_logprobs=host.num_logprobs,
+            min_ps=on_device["min_ps"], keys=on_device["keys"], all_greedy=flags.all_greedy,
+            use_top_k_top_p=flags.use_top_k_top_p, use_min_p=flags.use_min_p, num_logprobs=flags.num_logprobs,
         )
-        if "banned_rows" in on_device:
+        if flags.banned_rows is not None:
             sampling.banned = (on_device["banned_rows"], on_device["banned_tokens"])
-        if "output_counts" in on_device:
+        if flags.penalties is not None:
             sampling.penalties = Penalties(
                 presence=on_device["presence"], frequency=on_device["frequency"],
                 repetition=on_device["repetition"], output_counts=on_device["output_counts"],
                 seen=on_device["seen"],
             )
-    batch = ForwardBatch(on_device["input_ids"], on_device["positions"], meta, on_device["logits_indices"], sampling)
-    batch.pending_rows = on_device.get("pending_rows")
-    batch.pending_sources = on_device.get("pending_sources")
-    if host.prompt_spans:
-        batch.prompt_rows, batch.prompt_targets = on_device["prompt_rows"], on_device["prompt_targets"]
-        batch.prompt_spans = host.prompt_spans
-    return batch
-
-
-def _prompt_logprob_rows(
-    chunks: list[ScheduledChunk], query_start_loc: np.ndarray
-) -> tuple[list[int], list[int], list[tuple[str, int, int]]]:
-    """Row p - 1 scores prompt token p, for every prompt position p >= 1 this step's chunks reach."""
-    rows: list[int] = []
-    targets: list[int] = []
-    spans: list[tuple[str, int, int]] = []
-    for i, chunk in enumerate(chunks):
-        request = chunk.request
-        top_n = request.sampling_params.prompt_logprobs
-        end = min(chunk.start + chunk.num_tokens, request.num_prompt_tokens - 1)
-        if top_n is None or request.prompt_logprobs_sent or end <= chunk.start:
-            continue
-        first_row = int(query_start_loc[i])
-        rows.extend(range(first_row, first_row + end - chunk.start))
-        targets.extend(request.token_ids[chunk.start + 1 : end + 1])
-        spans.append((request.request_id, end - chunk.start, top_n))
-    return rows, targets, spans
-
-
-def _sampling_arrays(chunks: list[ScheduledChunk], vocab_size: int, arrays: dict[str, np.ndarray]) -> dict:
-    """Add the per-row sampling settings to ``arrays``; return the flags that pick the sampler's code path."""
-    params = [chunk.request.sampling_params for chunk in chunks]
-    temperatures = np.asarray([p.temperature for p in params], dtype=np.float32)
-    top_ks = np.asarray([p.top_k if p.top_k > 0 else vocab_size for p in params], dtype=np.int64)
-    top_ps = np.asarray([p.top_p for p in params], dtype=np.float32)
-    min_ps = np.asarray([p.min_p for p in params], dtype=np.float32)
-    # the noise of output token i of a request depends only on its seed and i
-    seeds = torch.tensor([chunk.request.sampling_seed for chunk in chunks], dtype=torch.int64)
-    output_numbers = torch.tensor([c.output_index - c.request.num_prompt_tokens for c in chunks], dtype=torch.int64)
-    arrays.update(temperatures=temperatures, top_ks=top_ks, top_ps=top_ps, min_ps=min_ps,
-                  keys=row_keys(seeds, output_numbers).numpy())
-    return {
-        "all_greedy": bool((temperatures == 0).all()),
-        "use_top_k_top_p": bool((top_ks < vocab_size).any() or (top_ps < 1.0).any()),
-        "use_min_p": bool((min_ps > 0).any()),
-    }
-
-
-def _rare_sampling_arrays(chunks: list[ScheduledChunk], vocab_size: int, arrays: dict[str, np.ndarray]) -> int:
-    """min_tokens bans and penalties, added to ``arrays`` only for batches whose requests use them; returns the
-    most top logprobs any row asks for (-1: none)."""
-    requests = [chunk.request for chunk in chunks]
-    banned_rows: list[int] = []
-    banned_tokens: list[int] = []
-    for row, chunk in enumerate(chunks):
-        params = chunk.request.sampling_params
-        if chunk.output_index - chunk.request.num_prompt_tokens < params.min_tokens:
-            stop_ids = set(params.stop_token_ids)
-            if not params.ignore_eos:
-                stop_ids |= chunk.request.eos_token_ids
-            banned_rows += [row] * len(stop_ids)
-            banned_tokens += sorted(stop_ids)
-    if banned_rows:
-        arrays["banned_rows"] = np.asarray(banned_rows, dtype=np.int64)
-        arrays["banned_tokens"] = np.asarray(banned_tokens, dtype=np.int64)
-    params = [r.sampling_params for r in requests]
-    if any(p.has_penalties for p in params):
-        _penalty_arrays(requests, vocab_size, arrays)
-    return max((p.logprobs for p in params if p.logprobs is not None), default=-1)
-
-
-def _penalty_arrays(requests: list, vocab_size: int, arrays: dict[str, np.ndarray]) -> None:
-    """Token counts per row, built only for batches where some request uses a penalty."""
-    counts = np.zeros((len(requests), vocab_size), dtype=np.float32)
-    seen = np.zeros((len(requests), vocab_size), dtype=np.bool_)
-    for row, request in enumerate(requests):
-        outputs = [t for t in request.output_token_ids if t != PLACEHOLDER]
-        np.add.at(counts[row], outputs, 1.0)
-        seen[row, request.prompt_token_ids] = True
-    seen |= counts > 0
-    params = [r.sampling_params for r in requests]
-    arrays.update(
-        presence=np.asarray([p.presence_penalty for p in params], dtype=np.float32),
-        frequency=np.asarray([p.frequency_penalty for p in params], dtype=np.float32),
-        repetition=np.asarray([p.repetition_penalty for p in params], dtype=np.float32),
-        output_counts=counts,
-        seen=seen,
+    return ForwardBatch(
+        on_device["input_ids"], on_device["positions"], meta, on_device["logits_indices"], sampling,
+        pending_rows=on_device.get("pending_rows"), pending_sources=on_device.get("pending_sources"),
+        prompt_rows=on_device.get("rows"), prompt_targets=on_device.get("targets"), prompt=host.prompt,
     )

@@ -10,16 +10,16 @@ import torch
 
 from nanovllm.config import EngineConfig
 from nanovllm.distributed.groups import agree_on_kv_pages
-from nanovllm.engine.scheduler import ModelOutput, SchedulerOutput
-from nanovllm.executor.cuda_graph import CUDAGraphRunner
-from nanovllm.executor.input_batch import ForwardBatch, HostBatch, build_host_batch, host_to_device, to_forward_batch
+from nanovllm.executor.base import LaunchedStep, ModelOutput
+from nanovllm.executor.cuda_graph import CUDAGraphRunner, ForwardOutput
+from nanovllm.executor.input_batch import ForwardBatch, HostBatch, host_to_device, to_forward_batch
+from nanovllm.executor.staging import HostStager
 from nanovllm.layers.attention import make_attention_backend
 from nanovllm.layers.attention.context import set_forward_context
 from nanovllm.layers.attention.layer import Attention
-from nanovllm.executor.logprobs import PendingStep, prompt_logprobs
-from nanovllm.executor.staging import HostStager
-from nanovllm.layers.sampler import Sampler
+from nanovllm.layers.sampler import Sampler, top_logprobs
 from nanovllm.loader import init_dummy_weights, load_weights
+from nanovllm.models.pipeline_stage import StageTensors
 from nanovllm.models.registry import get_model_class
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,10 @@ def resolve_dtype(name: str, hf_config: Any, device: torch.device) -> torch.dtyp
 
 
 class ModelRunner:
+    """The ``Executor`` of a single-device engine, and each rank's runner in a parallel one."""
+
+    num_micro_batches = 1
+
     def __init__(self, config: EngineConfig, model_path: str) -> None:
         self.config = config
         hf_config = config.hf_config
@@ -60,12 +64,14 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
 
+        # compiled norms and split-K projections (CUDA, not enforce_eager)
+        self.fast_path = self.device.type == "cuda" and not config.enforce_eager
         model_class = self.model_class(hf_config)
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                self.model = model_class(hf_config)
+                self.model = model_class(hf_config, self.fast_path)
         finally:
             torch.set_default_dtype(default_dtype)
         if config.load_format == "dummy":
@@ -80,15 +86,17 @@ class ModelRunner:
         self.sampler = Sampler()
         self.last_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._wait_time = 0.0
-        self.graphs = None
-        self.compile_ops = self.device.type == "cuda" and not config.enforce_eager
+        self.graphs: CUDAGraphRunner | None = None
         self.stager = HostStager(self.device)
         self._token_slots: list[torch.Tensor] = []
         self._next_token_slot = 0
         self.num_kv_blocks = self._size_kv_pool()
         self._allocate_kv_pool(self.num_kv_blocks)
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name != "torch":
-            self.graphs = CUDAGraphRunner(self, config.max_num_seqs, config.max_model_len)
+            self.graphs = CUDAGraphRunner(
+                self.model, self.backend, self.device, self.dtype, config.max_num_seqs, config.max_model_len,
+                self.block_size, receives_stage_input=self.receives_stage_input,
+            )
             self.graphs.capture()
         elif self.device.type == "cuda" and self.backend.name == "triton":
             self._compile_decode_kernels()
@@ -103,6 +111,11 @@ class ModelRunner:
     def model_class(self, hf_config: Any) -> type:
         """The class to build (a pipeline stage narrows it to its layers)."""
         return get_model_class(hf_config)
+
+    @property
+    def receives_stage_input(self) -> bool:
+        """A pipeline stage after the first: its forward starts from the previous stage's ``StageTensors``."""
+        return False
 
     # ---- the KV pool ------------------------------------------------------------------------------------------
 
@@ -165,8 +178,10 @@ class ModelRunner:
         )
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         positions = torch.cat([torch.arange(n, device=self.device) for n in query_lens])
-        with set_forward_context(meta, self.backend, self.compile_ops):
+        with set_forward_context(meta, self.backend):
             hidden = self.model(input_ids, positions)
+        if isinstance(hidden, StageTensors):  # a pipeline stage before the last: no logits here
+            return
         last_rows = meta.query_start_loc[1:].long() - 1
         self.model.compute_logits(hidden[last_rows.repeat(-(-self.config.max_num_seqs // num_seqs))])
 
@@ -193,8 +208,10 @@ class ModelRunner:
             )
             zeros = torch.zeros(batch, dtype=torch.int64, device=self.device)  # token 0 at position 0
             self.backend.prepare(meta)
-            with set_forward_context(meta, self.backend, self.compile_ops):
-                self.model.compute_logits(self.model(zeros, zeros))
+            with set_forward_context(meta, self.backend):
+                out = self.model(zeros, zeros)
+            if not isinstance(out, StageTensors):
+                self.model.compute_logits(out)
         logger.debug("compiled decode kernels for KV split counts %s", sorted(first_batch_of))
 
     def _allocate_kv_pool(self, num_pages: int) -> None:
@@ -230,61 +247,51 @@ class ModelRunner:
             "num_matmul_params": matmul_params,
         }
 
+    def shutdown(self) -> None:
+        """A single-device engine has no workers; this frees its graphs (decode runs eagerly afterwards)."""
+        self.release_graphs()
+
     # ---- a step -----------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> ModelOutput:
-        """Run one scheduled batch and wait for it; sample a token for each chunk with ``sample`` set."""
-        return self.collect(self.launch(sched))
+    def launch(self, host: HostBatch, copy_results: bool = True) -> LaunchedStep:
+        """Queue one step on the device and start copying its results back; returns without waiting.
 
-    def build_host_batch(self, sched: SchedulerOutput) -> HostBatch:
-        host = build_host_batch(sched, self.block_size, self.vocab_size)
-        host.page_copies = sched.page_copies
-        return host
-
-    @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput) -> PendingStep:
-        """Queue one step on the device and start copying its results back; returns without waiting."""
-        return self.launch_host(self.build_host_batch(sched), sched.sampled_chunks)
-
-    @torch.inference_mode()
-    def launch_host(self, host: HostBatch, sampled_chunks: list | None) -> PendingStep:
-        """Run a step from its host arrays. Every tensor-parallel rank runs this, samples included (sampling is
-        deterministic, so all ranks hold the same tokens for the next step's inputs); only the driver, which passes
-        ``sampled_chunks``, copies results back."""
+        Every tensor-parallel rank runs this, samples included (sampling is deterministic, so all ranks hold the
+        same tokens for the next step's inputs); only the driver copies results back (``copy_results``)."""
         self.copy_pages(host.page_copies)
         batch = to_forward_batch(host, self.stager)
-        driver = sampled_chunks is not None
-        pending = PendingStep(sampled_chunks or [])
-        logits, hidden = self.forward(batch)
-        if batch.prompt_spans:
-            ids, values = self.score_prompt(batch, hidden)
-            if driver:
-                pending.prompt = (self._to_host(ids), self._to_host(values), batch.prompt_spans)
+        step = LaunchedStep.for_batch(host)
+        out = self.forward(batch)
+        if batch.prompt is not None:
+            ids, values = self.score_prompt(batch, out.hidden)
+            if copy_results:
+                step.prompt_ids, step.prompt_values = self._to_host(ids), self._to_host(values)
         if batch.sampling is not None:
-            sampled = self.sampler(logits, batch.sampling)
+            sampled = self.sampler(out.logits, batch.sampling)
             self.last_sampled = sampled.token_ids
-            if driver:
-                pending.assign_sample_rows()
-                pending.token_ids = self._tokens_to_host(sampled.token_ids)
+            if copy_results:
+                step.token_ids = self._tokens_to_host(sampled.token_ids)
                 if sampled.logprobs is not None:
-                    pending.logprobs = (self._to_host(sampled.logprob_ids), self._to_host(sampled.logprobs))
+                    step.logprobs = (self._to_host(sampled.logprob_ids), self._to_host(sampled.logprobs))
         if self.device.type == "cuda":
-            pending.event = torch.cuda.Event()
-            pending.event.record()
-        return pending
+            step.event = torch.cuda.Event()
+            step.event.record()
+        return step
 
     def score_prompt(self, batch: ForwardBatch, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logprobs of the prompt tokens this step scores (echo / prompt_logprobs), from their rows' hidden states."""
-        return prompt_logprobs(self.model.compute_logits(hidden[batch.prompt_rows]), batch)
+        """Logprobs of the prompt tokens this step scores (echo / prompt_logprobs): each scored token's logprob
+        followed by the row's top-N (N: the most any request asks), from their rows' hidden states."""
+        logits = self.model.compute_logits(hidden[batch.prompt_rows])
+        return top_logprobs(logits.float().log_softmax(dim=-1), batch.prompt_targets, batch.prompt.top_n)
 
-    def collect(self, pending: PendingStep) -> ModelOutput:
+    def collect(self, step: LaunchedStep) -> ModelOutput:
         """Wait for a launched step and turn its results into lists."""
-        if pending.event is not None:
+        if step.event is not None:
             start = time.perf_counter()
-            pending.event.synchronize()
+            step.event.synchronize()
             self._wait_time += time.perf_counter() - start
-        return pending.to_model_output()
+        return step.to_model_output()
 
     def take_wait_time(self) -> float:
         """Seconds spent blocked on the device since the last call (so the engine can report host time)."""
@@ -308,14 +315,18 @@ class ModelRunner:
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         return host.copy_(tensor, non_blocking=True)
 
-    def forward(self, batch: ForwardBatch) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Logits of the rows to sample (None if there are none) and the hidden states of every row."""
+    def forward(self, batch: ForwardBatch, stage_input: StageTensors | None = None) -> ForwardOutput:
+        """Logits of the rows to sample (none if no row samples), hidden states of every row, or on a pipeline
+        stage before the last, what the next stage gets."""
         if batch.pending_rows is not None:
             batch.input_ids[batch.pending_rows] = self.last_sampled[batch.pending_sources]
         if self.graphs is not None and self.graphs.can_run(batch):
-            return self.graphs.run(batch)
+            return self.graphs.run(batch, stage_input)
         self.backend.prepare(batch.meta)
-        with set_forward_context(batch.meta, self.backend, self.compile_ops):
-            hidden = self.model(batch.input_ids, batch.positions)
+        args = [batch.input_ids, batch.positions] + ([stage_input] if self.receives_stage_input else [])
+        with set_forward_context(batch.meta, self.backend):
+            hidden = self.model(*args)
+        if isinstance(hidden, StageTensors):
+            return ForwardOutput(to_next_stage=hidden)
         logits = self.model.compute_logits(hidden[batch.logits_indices]) if batch.sampling is not None else None
-        return logits, hidden
+        return ForwardOutput(logits=logits, hidden=hidden)

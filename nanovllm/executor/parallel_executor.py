@@ -42,8 +42,8 @@ from nanovllm.distributed.groups import (
     publish_config,
     torchrun_env,
 )
-from nanovllm.engine.scheduler import ModelOutput, SchedulerOutput
-from nanovllm.executor.logprobs import PendingStep
+from nanovllm.executor.base import LaunchedStep, ModelOutput
+from nanovllm.executor.input_batch import HostBatch
 from nanovllm.executor.parallel_checks import check_devices, check_parallel_sizes
 from nanovllm.executor.worker import (
     JOINED_KEY,
@@ -178,7 +178,7 @@ def _send_stop() -> None:
 
 
 class ParallelExecutor:
-    """The executor interface of ``ModelRunner`` (launch / collect / execute), over ``tp * pp`` ranks."""
+    """The ``Executor`` over ``tp * pp`` ranks."""
 
     def __init__(self, config: EngineConfig, model_path: str) -> None:
         tp_size, pp_size = config.tensor_parallel_size, config.pipeline_parallel_size
@@ -230,30 +230,26 @@ class ParallelExecutor:
             )
         if env.rank != 0:
             raise ValueError(f"RANK={env.rank}: only rank 0 builds the engine; run `python -m "
-                             "nanovllm.executor.worker` on the other ranks (see README, 'Multi-GPU and multi-host')")
+                             "nanovllm.entrypoints.worker` on the other ranks (see README, 'Multi-GPU and multi-host')")
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's agent already hosts the store
             return join_store(env.master_addr, env.master_port, world_size)
         return host_store(world_size, env.master_addr, env.master_port)
 
     # ---- the executor interface ------------------------------------------------------------------------------
 
-    def launch(self, sched: SchedulerOutput) -> PendingStep:
+    def launch(self, batch: HostBatch) -> LaunchedStep:
         self._raise_if_failed()
-        host = self.runner.build_host_batch(sched)
         try:
-            broadcast_from_driver(host)
-            return self.runner.launch_host(host, sched.sampled_chunks)
+            broadcast_from_driver(batch)
+            return self.runner.launch(batch)
         except Exception as exc:
             raise self._failed(exc) from exc
 
-    def collect(self, pending: PendingStep) -> ModelOutput:
+    def collect(self, step: LaunchedStep) -> ModelOutput:
         try:
-            return self.runner.collect(pending)
+            return self.runner.collect(step)
         except Exception as exc:
             raise self._failed(exc) from exc
-
-    def execute(self, sched: SchedulerOutput) -> ModelOutput:
-        return self.collect(self.launch(sched))
 
     def take_wait_time(self) -> float:
         return self.runner.take_wait_time()

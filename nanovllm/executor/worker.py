@@ -3,10 +3,8 @@
 Started two ways:
 
 - spawned by ``ParallelExecutor`` on the driver's host (``run_worker`` is the process target);
-- by hand or by torchrun on any host, with ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE`` and
-  ``LOCAL_RANK`` set: ``python -m nanovllm.executor.worker``. The engine config comes from rank 0, so a worker
-  needs no arguments. Given arguments, rank 0 runs them as a ``nanovllm`` command instead, so one command line
-  serves every rank: ``torchrun ... -m nanovllm.executor.worker serve MODEL -tp 4 -pp 2``.
+- by hand or by torchrun on any host (``python -m nanovllm.entrypoints.worker``, which calls ``run_worker``).
+  The engine config comes from rank 0, so a worker needs no arguments.
 
 A worker does no scheduling and sees no Request objects: each step it receives the step's host arrays, runs its
 stage's forward (sampling too, where it holds the LM head) and waits for the next. ``None`` ends the loop.
@@ -32,10 +30,9 @@ from nanovllm.distributed.groups import (
     init_parallel,
     join_store,
     read_config,
-    torchrun_env,
 )
 
-logger = logging.getLogger("nanovllm.executor.worker")  # not "__main__" under python -m
+logger = logging.getLogger(__name__)
 
 JOINED_KEY = "nanovllm/joined/{rank}"  # set by a worker once it reached the store (the driver watches for it)
 
@@ -89,7 +86,7 @@ def run_worker(rank: int, local_rank: int, master_addr: str, master_port: int, w
                 raise host
             if host is None:  # the driver shuts down
                 break
-            runner.launch_host(host, None)
+            runner.launch(host, copy_results=False)
     except Exception as exc:  # the driver sees the lost connection; this says why
         logger.error("rank %d failed: %r", rank, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
         if errors is not None:
@@ -133,25 +130,3 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass  # elsewhere the closed connection to the driver ends the worker at its next step
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    env = torchrun_env()
-    if env is None:
-        raise SystemExit("set MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE (> 1) and LOCAL_RANK, as torchrun does")
-    if env.rank == 0:
-        if not argv:
-            raise SystemExit("rank 0 runs the engine: give it a nanovllm command (e.g. `serve MODEL -tp 2`), "
-                             "or run that command directly")
-        from nanovllm.entrypoints.cli import main as cli_main
-
-        cli_main(argv)
-        return
-    logging.basicConfig(level=os.environ.get("NANOVLLM_LOG_LEVEL", "INFO"),
-                        format=f"%(asctime)s %(levelname)s [rank {env.rank}] %(name)s: %(message)s")
-    run_worker(env.rank, env.local_rank, env.master_addr, env.master_port, env.world_size)
-
-
-if __name__ == "__main__":
-    main()

@@ -3,9 +3,8 @@
 A decode step of a 28-layer model runs its norms as hundreds of tiny kernels when written in plain torch (the
 rotary embedding and the gated activation have Triton kernels of their own, ``kernels/norm_rope.py`` and
 ``kernels/activation.py``); each costs a few microseconds of device time even inside a CUDA graph.
-``torch.compile`` fuses each function below into one or two kernels. It is used only on CUDA and only when the
-forward context asks for it (not with ``enforce_eager``); the eager function remains the reference and the
-fallback, taken for good if compilation fails.
+``torch.compile`` fuses each function below into one or two kernels. Layers built for the fast path (CUDA, not
+``enforce_eager``) call them through ``compiled``; the eager functions remain the reference.
 """
 from __future__ import annotations
 
@@ -15,28 +14,27 @@ from typing import Callable, TypeVar
 
 import torch
 
-from nanovllm.layers.attention.context import current_forward_context
-
 logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable)
 
 
-def fusible(fn: F) -> F:
-    compiled: Callable | None = None
+def compiled(fn: F) -> F:
+    """``fn`` compiled into fused kernels on first use; the eager ``fn`` is the reference, used for CPU tensors and
+    for good if compilation fails (a compiler problem must not take the engine down)."""
+    compiled_fn: Callable | None = None
     failed = False
 
     @functools.wraps(fn)
     def wrapper(*args):
-        nonlocal compiled, failed
-        context = current_forward_context()
-        if failed or context is None or not context.compile_ops or not args[0].is_cuda:
+        nonlocal compiled_fn, failed
+        if failed or not args[0].is_cuda:
             return fn(*args)
-        if compiled is None:
-            compiled = torch.compile(fn, dynamic=True)
+        if compiled_fn is None:
+            compiled_fn = torch.compile(fn, dynamic=True)
         try:
-            return compiled(*args)
-        except Exception as exc:  # a compiler problem must not take the engine down: run eagerly instead
+            return compiled_fn(*args)
+        except Exception as exc:  # noqa: BLE001
             logger.warning("torch.compile of %s failed (%s); running it eagerly", fn.__name__, exc)
             failed = True
             return fn(*args)
@@ -44,7 +42,6 @@ def fusible(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@fusible
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
     x = x.float()
@@ -52,7 +49,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x.to(dtype)
 
 
-@fusible
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,3 +57,7 @@ def add_rms_norm(
     normed = residual.float()
     normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(dtype), residual
+
+
+compiled_rms_norm = compiled(rms_norm)
+compiled_add_rms_norm = compiled(add_rms_norm)

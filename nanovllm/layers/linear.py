@@ -5,9 +5,9 @@ split the input features and all-reduce the partial sums. At world size 1 both a
 carries a ``weight_loader(param, checkpoint_tensor, shard_id)`` that copies this rank's slice of a checkpoint tensor
 into it, so the loader never needs to know the layout.
 
-A row-parallel linear whose output goes straight into an add + RMSNorm may leave it as ``PartialSums`` on the GPU
-fast path (``defer_sum``; see ``kernels/split_k.py``): at decode sizes, splitting K fills the GPU, and the norm adds
-the splits up.
+A row-parallel linear built with ``defer_sum`` (its output goes straight into an add + RMSNorm, and the model is
+built for the GPU fast path) may return ``PartialSums`` at decode sizes (see ``kernels/split_k.py``): splitting K
+fills the GPU, and the norm adds the splits up.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.distributed import get_tp_rank, get_tp_size, tensor_model_parallel_all_reduce
-from nanovllm.layers.attention.context import current_forward_context
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
@@ -118,18 +117,25 @@ class PartialSums:
         return self.partials.sum(0).to(self.dtype)
 
 
+# What a row-parallel linear returns: a tensor, or (``defer_sum``) partial sums that only an add + RMSNorm or
+# ``as_tensor`` consumes.
+LinearOutput = torch.Tensor | PartialSums
+
+
+def as_tensor(x: LinearOutput) -> torch.Tensor:
+    return x.materialize() if isinstance(x, PartialSums) else x
+
+
 class RowParallelLinear(LinearBase):
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, defer_sum: bool = False) -> None:
+        """``defer_sum``: the output feeds an add + RMSNorm that takes partial sums, on the fast path; honoured on
+        one rank, without a bias."""
         tp_size = get_tp_size()
         super().__init__(_divide(input_size, tp_size, "input size"), output_size, bias, tp_dim=1)
-        # set by a model whose add + RMSNorm takes this output directly; honoured on one rank, without a bias
-        self.defer_sum = False
+        self.defer_sum = defer_sum and self.tp_size == 1 and not bias
 
     def split_k_plan(self, x: torch.Tensor) -> object | None:
-        if not (self.defer_sum and x.is_cuda and self.tp_size == 1 and self.bias is None):
-            return None
-        context = current_forward_context()
-        if context is None or not context.compile_ops:  # the fast path only (not enforce_eager)
+        if not (self.defer_sum and x.is_cuda):
             return None
         from nanovllm.kernels.split_k import plan_for
 
@@ -141,7 +147,7 @@ class RowParallelLinear(LinearBase):
             return
         super().weight_loader(param, loaded, shard_id)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | PartialSums:
+    def forward(self, x: torch.Tensor) -> LinearOutput:
         plan = self.split_k_plan(x)
         if plan is not None:
             from nanovllm.kernels.split_k import split_k_matmul

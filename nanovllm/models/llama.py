@@ -19,5 +19,5 @@ class LlamaForCausalLM(Qwen3ForCausalLM):
         attention_bias = bool(getattr(config, "attention_bias", False))
         return Qwen3DecoderLayer(
             config, qkv_bias=attention_bias, qk_norm=False, o_bias=attention_bias,
-            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            mlp_bias=bool(getattr(config, "mlp_bias", False)), fast_path=self.fast_path,
         )

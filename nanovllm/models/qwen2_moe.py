@@ -18,7 +18,7 @@ class Qwen2MoeForCausalLM(Qwen3ForCausalLM):
         if is_sparse_layer(config, layer_index):
             shared = Qwen3MLP(config.hidden_size, config.shared_expert_intermediate_size)
             mlp = SparseMoeBlock(config, shared_expert=shared)
-        return Qwen3DecoderLayer(config, self.qkv_bias, self.qk_norm, mlp=mlp)
+        return Qwen3DecoderLayer(config, self.qkv_bias, self.qk_norm, mlp=mlp, fast_path=self.fast_path)
 
     @staticmethod
     def map_expert_weight(param_name: str, shard_id: object) -> tuple[str, object]:

@@ -15,7 +15,7 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
 
     def make_layer(self, config: Any, layer_index: int) -> nn.Module:
         mlp = SparseMoeBlock(config) if is_sparse_layer(config, layer_index) else None
-        return Qwen3DecoderLayer(config, self.qkv_bias, self.qk_norm, mlp=mlp)
+        return Qwen3DecoderLayer(config, self.qkv_bias, self.qk_norm, mlp=mlp, fast_path=self.fast_path)
 
     @staticmethod
     def map_expert_weight(param_name: str, shard_id: object) -> tuple[str, object]:

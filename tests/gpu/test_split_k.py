@@ -77,7 +77,7 @@ def test_norm_adds_the_partials_as_the_unsplit_path_rounds(hidden: int, dtype: t
     weight = (1 + 0.1 * torch.randn(hidden, generator=generator)).to(dtype)
     out, new_residual = partials_add_rms_norm(partials.to(DEVICE), residual.to(DEVICE), weight.to(DEVICE), 1e-6)
     # the unsplit path: the projection's output in the activation dtype, then the eager add + RMSNorm
-    expected_out, expected_residual = add_rms_norm.__wrapped__(partials.sum(0).to(dtype), residual, weight, 1e-6)
+    expected_out, expected_residual = add_rms_norm(partials.sum(0).to(dtype), residual, weight, 1e-6)
     # a unit of the last place (2^-8 relative in bf16, 2^-11 in fp16) at each of the two roundings; the CPU
     # interpreter truncates where a GPU rounds to nearest, hence norm-wise bounds rather than elementwise ones
     bound = 8e-3 if dtype == torch.bfloat16 else 1e-3
@@ -96,26 +96,23 @@ def test_norm_adds_the_partials_as_the_unsplit_path_rounds(hidden: int, dtype: t
 @pytest.mark.skipif(not ON_GPU, reason="the deferred sum is taken on the CUDA fast path only")
 @pytest.mark.parametrize("rows", [1, 16, 100, 256, 300])
 def test_projection_then_norm_matches_the_unsplit_path(rows: int) -> None:
-    from nanovllm.layers.attention.context import set_forward_context
     from nanovllm.layers.layernorm import RMSNorm
     from nanovllm.layers.linear import PartialSums, RowParallelLinear
 
     torch.manual_seed(rows)
     device = torch.device("cuda")
     with torch.device(device):
-        proj = RowParallelLinear(3072, 1024).to(torch.bfloat16)
-        norm = RMSNorm(1024).to(torch.bfloat16)
+        proj = RowParallelLinear(3072, 1024, defer_sum=True).to(torch.bfloat16)
+        norm = RMSNorm(1024, fused=True).to(torch.bfloat16)
     proj.weight.data.normal_(std=3072**-0.5)
     norm.weight.data.normal_(1.0, 0.1)
     x = torch.randn(rows, 3072, device=device, dtype=torch.bfloat16)
     residual = torch.randn(rows, 1024, device=device, dtype=torch.bfloat16)
-    expected_out, expected_residual = add_rms_norm.__wrapped__(
+    expected_out, expected_residual = add_rms_norm(
         torch.nn.functional.linear(x, proj.weight), residual, norm.weight, norm.eps
     )
-    proj.defer_sum = True
-    with set_forward_context(None, None, compile_ops=True):  # type: ignore[arg-type]
-        deferred = proj(x)
-        out, new_residual = norm(deferred, residual)
+    deferred = proj(x)
+    out, new_residual = norm(deferred, residual)
     assert isinstance(deferred, PartialSums) == (rows <= MAX_ROWS)
     # bf16 rounding of the projection may differ by one unit where cuBLAS summed in another order
     torch.testing.assert_close(new_residual, expected_residual, rtol=2 ** -7, atol=2 ** -6)

@@ -23,7 +23,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-import nanovllm
 from nanovllm.engine.async_llm import AsyncLLM, EngineDeadError
 from nanovllm.entrypoints.openai.errors import APIError, error_body, install_error_handlers
 from nanovllm.entrypoints.openai.metrics import CONTENT_TYPE, render_metrics
@@ -40,6 +39,7 @@ from nanovllm.entrypoints.openai.protocol import (
 )
 from nanovllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from nanovllm.entrypoints.openai.serving_completion import OpenAIServingCompletion, json_response
+from nanovllm.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
             if settings.shutdown_engine_on_exit:
                 engine.shutdown()
 
-    app = FastAPI(title="nano-vLLM OpenAI-compatible server", version=nanovllm.__version__, lifespan=lifespan)
+    app = FastAPI(title="nano-vLLM OpenAI-compatible server", version=__version__, lifespan=lifespan)
     app.state.engine = engine
     app.state.settings = settings
     install_error_handlers(app)
@@ -129,7 +129,7 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
 
     @app.get("/version", response_model=VersionResponse)
     async def version() -> Response:
-        return json_response(VersionResponse(version=nanovllm.__version__))
+        return json_response(VersionResponse(version=__version__))
 
     @app.get("/metrics")
     async def metrics() -> Response:

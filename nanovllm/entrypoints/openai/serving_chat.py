@@ -45,9 +45,7 @@ class OpenAIServingChat(OpenAIServing):
         self, messages: list[ChatMessage], add_generation_prompt: bool = True,
         template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
-        """Messages -> prompt token ids through the chat template (which already holds any special tokens)."""
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+        """Messages -> prompt token ids through the engine's one intake; a failure is a 400 naming ``messages``."""
         conversation = []
         for message in messages:
             content = message.content
@@ -57,12 +55,9 @@ class OpenAIServingChat(OpenAIServing):
                 content = "\n".join(part.text for part in content)  # type: ignore[misc]
             conversation.append({"role": message.role, "content": content or ""})
         try:
-            text = self.tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **(template_kwargs or {})
-            )
-            return list(self.tokenizer.encode(text, add_special_tokens=False))
-        except Exception as exc:  # noqa: BLE001 - a template is user-controlled code; any failure is a bad request
-            raise APIError(400, f"the chat template could not render these messages: {exc}", param="messages") from None
+            return self.engine.input_processor.render_chat(conversation, add_generation_prompt, template_kwargs)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages") from None
 
     async def create_chat_completion(self, req: ChatCompletionRequest, raw_request: Request) -> Response:
         self.check_model(req.model)

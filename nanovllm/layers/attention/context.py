@@ -13,7 +13,6 @@ from nanovllm.layers.attention.metadata import AttentionMetadata
 class ForwardContext:
     meta: AttentionMetadata
     backend: AttentionBackend
-    compile_ops: bool = False  # fuse the small elementwise layers with torch.compile (CUDA, not enforce_eager)
 
 
 _CONTEXT: ForwardContext | None = None
@@ -25,17 +24,11 @@ def get_forward_context() -> ForwardContext:
     return _CONTEXT
 
 
-def current_forward_context() -> ForwardContext | None:
-    return _CONTEXT
-
-
 @contextmanager
-def set_forward_context(
-    meta: AttentionMetadata, backend: AttentionBackend, compile_ops: bool = False
-) -> Iterator[None]:
+def set_forward_context(meta: AttentionMetadata, backend: AttentionBackend) -> Iterator[None]:
     global _CONTEXT
     previous = _CONTEXT
-    _CONTEXT = ForwardContext(meta, backend, compile_ops)
+    _CONTEXT = ForwardContext(meta, backend)
     try:
         yield
     finally:
