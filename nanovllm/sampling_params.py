@@ -3,6 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Any 64-bit integer is a seed, signed or not (as in vLLM); samples of an ``n > 1`` request derive their own.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+# Stop strings are matched on every generated token, so their number and size are bounded.
+MAX_STOP_STRINGS = 128
+MAX_STOP_CHARS = 16_384  # all stop strings together
+MAX_STOP_TOKEN_IDS = 1024
+
 
 @dataclass
 class SamplingParams:
@@ -50,8 +57,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not SEED_MIN <= self.seed <= SEED_MAX):
+            raise ValueError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], got {self.seed!r}")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens}")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
@@ -59,9 +66,15 @@ class SamplingParams:
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
-            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}"[:300])
+        if len(self.stop_strings) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(self.stop_strings)}")
+        if sum(len(s) for s in self.stop_strings) > MAX_STOP_CHARS:
+            raise ValueError(f"stop strings may have at most {MAX_STOP_CHARS} characters in all")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids}")
+            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids}"[:300])
         if not -2.0 <= self.presence_penalty <= 2.0:
             raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2.0 <= self.frequency_penalty <= 2.0:
