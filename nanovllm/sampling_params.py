@@ -1,6 +1,7 @@
 """Per-request sampling settings, validated the way vLLM validates them."""
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass, field
 
 # Any 64-bit integer is a seed, signed or not (as in vLLM); samples of an ``n > 1`` request derive their own.
@@ -9,6 +10,11 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 MAX_STOP_STRINGS = 128
 MAX_STOP_CHARS = 16_384  # all stop strings together
 MAX_STOP_TOKEN_IDS = 1024
+# Logit controls (as in vLLM). Biases are OpenAI's range; bad words are matched on every generated token.
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
+LOGIT_BIAS_MIN, LOGIT_BIAS_MAX = -100.0, 100.0
+MAX_BAD_WORDS = 128
+MAX_BAD_WORDS_CHARS = 16_384  # all bad words together
 
 
 @dataclass
@@ -30,7 +36,13 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # top logprobs to return per generated token
     prompt_logprobs: int | None = None
+    # added to the logits of these token ids before sampling (after penalties, before temperature and filters)
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None  # only these tokens may be sampled
+    bad_words: list[str] | None = None  # never generated (as-is, or after a space)
     stop_strings: list[str] = field(init=False, repr=False)
+    # bad_words as token sequences; the input processor sets it on its copy of the params (it has the tokenizer)
+    bad_words_token_ids: list[list[int]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -45,6 +57,7 @@ class SamplingParams:
         if self.top_k == 0:
             self.top_k = -1
         self._validate()
+        self._validate_logit_controls()
 
     def _validate(self) -> None:
         if not isinstance(self.n, int) or self.n < 1:
@@ -86,6 +99,41 @@ class SamplingParams:
             if value is not None and (not isinstance(value, int) or not 0 <= value <= 20):
                 raise ValueError(f"{name} must be an integer in [0, 20], got {value}")
 
+    def _validate_logit_controls(self) -> None:
+        """Checks that need no model; the input processor checks the token ids against the vocabulary."""
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must be a dict of token id to bias, got {type(self.logit_bias).__name__}")
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}")
+            for token, bias in self.logit_bias.items():
+                if not _is_int(token) or token < 0:
+                    raise ValueError(f"logit_bias keys must be non-negative integer token ids, got {_short(token)}")
+                if (not isinstance(bias, (int, float)) or isinstance(bias, bool)
+                        or not LOGIT_BIAS_MIN <= bias <= LOGIT_BIAS_MAX):  # also rejects NaN
+                    raise ValueError(f"logit_bias values must be numbers in [{LOGIT_BIAS_MIN:g}, "
+                                     f"{LOGIT_BIAS_MAX:g}], got {_short(bias)} for token {token}")
+            self.logit_bias = {int(token): float(bias) for token, bias in self.logit_bias.items()}
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, (list, tuple)) or not self.allowed_token_ids:
+                raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got "
+                                 f"{_short(self.allowed_token_ids)}")
+            bad = [t for t in self.allowed_token_ids if not _is_int(t) or t < 0]
+            if bad:
+                raise ValueError(f"allowed_token_ids must be non-negative integers, got {_short(bad)}")
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if self.bad_words is not None:
+            if not isinstance(self.bad_words, (list, tuple)):
+                raise ValueError(f"bad_words must be a list of strings, got {type(self.bad_words).__name__}")
+            if len(self.bad_words) > MAX_BAD_WORDS:
+                raise ValueError(f"bad_words may hold at most {MAX_BAD_WORDS} words, got {len(self.bad_words)}")
+            bad = [w for w in self.bad_words if not isinstance(w, str) or not w.strip()]
+            if bad:
+                raise ValueError(f"bad_words must be strings with a non-space character, got {_short(bad)}")
+            if sum(len(w) for w in self.bad_words) > MAX_BAD_WORDS_CHARS:
+                raise ValueError(f"bad_words may have at most {MAX_BAD_WORDS_CHARS} characters in all")
+            self.bad_words = list(self.bad_words)
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
@@ -93,3 +141,12 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: object) -> str:
+    """A repr of bounded size, whatever the size of the value."""
+    return reprlib.repr(value)

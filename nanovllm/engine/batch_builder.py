@@ -8,6 +8,7 @@ from nanovllm.engine.request import PLACEHOLDER, Request
 from nanovllm.engine.scheduler import ScheduledChunk, SchedulerOutput
 from nanovllm.executor.input_batch import HostBatch, HostPenalties, HostSampling, PromptScoring, PromptSpan
 from nanovllm.layers.sampler import row_keys
+from nanovllm.sampling_params import SamplingParams
 
 
 def build_host_batch(sched: SchedulerOutput, block_size: int, vocab_size: int) -> HostBatch:
@@ -69,7 +70,7 @@ def build_host_batch(sched: SchedulerOutput, block_size: int, vocab_size: int) -
     if wants_prompt_logprobs:
         host.prompt = _prompt_scoring(chunks, query_start_loc)
     if sampled_chunks:
-        host.sampling = _sampling(sampled_chunks, vocab_size)
+        host.sampling = _sampling(sampled_chunks, vocab_size, host.logits_indices)
     return host
 
 
@@ -93,7 +94,7 @@ def _prompt_scoring(chunks: list[ScheduledChunk], query_start_loc: np.ndarray) -
     return PromptScoring(np.asarray(rows, dtype=np.int64), np.asarray(targets, dtype=np.int64), spans)
 
 
-def _sampling(chunks: list[ScheduledChunk], vocab_size: int) -> HostSampling:
+def _sampling(chunks: list[ScheduledChunk], vocab_size: int, logits_indices: np.ndarray) -> HostSampling:
     requests = [chunk.request for chunk in chunks]
     params = [request.sampling_params for request in requests]
     temperatures = np.asarray([p.temperature for p in params], dtype=np.float32)
@@ -111,14 +112,18 @@ def _sampling(chunks: list[ScheduledChunk], vocab_size: int) -> HostSampling:
         use_min_p=bool((min_ps > 0).any()),
         row_logprobs=[p.logprobs for p in params],
     )
-    _add_banned_tokens(chunks, sampling)
+    uses_controls = any(p.logit_bias or p.allowed_token_ids or p.bad_words for p in params)
+    _add_banned_tokens(chunks, sampling, logits_indices if uses_controls else None)
+    if uses_controls:
+        _add_logit_bias_and_allowed(params, sampling)
     if any(p.has_penalties for p in params):
         sampling.penalties = _penalties(requests, vocab_size)
     return sampling
 
 
-def _add_banned_tokens(chunks: list[ScheduledChunk], sampling: HostSampling) -> None:
-    """The stop tokens of requests still short of their ``min_tokens``."""
+def _add_banned_tokens(chunks: list[ScheduledChunk], sampling: HostSampling, logits_indices: np.ndarray | None) -> None:
+    """The stop tokens of requests still short of their ``min_tokens``, and with ``logits_indices`` (some row uses
+    a logit control) the bad words' bans."""
     banned_rows: list[int] = []
     banned_tokens: list[int] = []
     for row, chunk in enumerate(chunks):
@@ -129,6 +134,8 @@ def _add_banned_tokens(chunks: list[ScheduledChunk], sampling: HostSampling) -> 
                 stop_ids |= chunk.request.eos_token_ids
             banned_rows += [row] * len(stop_ids)
             banned_tokens += sorted(stop_ids)
+    if logits_indices is not None:
+        _add_bad_words(chunks, sampling, logits_indices, banned_rows, banned_tokens)
     if banned_rows:
         sampling.banned_rows = np.asarray(banned_rows, dtype=np.int64)
         sampling.banned_tokens = np.asarray(banned_tokens, dtype=np.int64)
@@ -151,3 +158,72 @@ def _penalties(requests: list[Request], vocab_size: int) -> HostPenalties:
         output_counts=counts,
         seen=seen,
     )
+
+
+def _add_bad_words(
+    chunks: list[ScheduledChunk], sampling: HostSampling, logits_indices: np.ndarray,
+    banned_rows: list[int], banned_tokens: list[int],
+) -> None:
+    """A bad word of one token is banned at every step; one of tokens ``t1..tk`` bans ``tk`` when the output so
+    far ends with ``t1..t(k-1)``. With overlap scheduling the newest output token may still be on the device (a
+    ``PLACEHOLDER`` here): then the host checks ``t1..t(k-2)`` and leaves ``t(k-1)`` to the sampler (``ban_if``)."""
+    if_rows: list[int] = []
+    if_tokens: list[int] = []
+    if_after: list[int] = []
+    if_inputs: list[int] = []
+    for row, chunk in enumerate(chunks):
+        request = chunk.request
+        params = request.sampling_params
+        if not params.bad_words:
+            continue
+        words = params.bad_words_token_ids
+        if words is None:
+            raise ValueError("bad_words are tokenized by the input processor; this request did not go through it")
+        tokens = request.token_ids
+        end = chunk.output_index  # the output so far is tokens[num_prompt_tokens:end]
+        # only the newest token can be on the device: a request is in one step at a time, plus one scheduled
+        # ahead of its results with overlap
+        pending = tokens[end - 1] == PLACEHOLDER
+        for word in words:
+            prefix_len = len(word) - 1
+            start = end - prefix_len
+            if start < request.num_prompt_tokens:
+                continue  # the output is shorter than the prefix (a single token word has start == end)
+            if not pending or prefix_len == 0:
+                if tokens[start:end] == word[:-1]:
+                    banned_rows.append(row)
+                    banned_tokens.append(word[-1])
+            elif tokens[start : end - 1] == word[:-2]:
+                if_rows.append(row)
+                if_tokens.append(word[-1])
+                if_after.append(word[-2])
+                if_inputs.append(int(logits_indices[row]))
+    if if_rows:
+        sampling.ban_if_rows = np.asarray(if_rows, dtype=np.int64)
+        sampling.ban_if_tokens = np.asarray(if_tokens, dtype=np.int64)
+        sampling.ban_if_after = np.asarray(if_after, dtype=np.int64)
+        sampling.ban_if_inputs = np.asarray(if_inputs, dtype=np.int64)
+
+
+def _add_logit_bias_and_allowed(params: list[SamplingParams], sampling: HostSampling) -> None:
+    bias_rows: list[int] = []
+    bias_tokens: list[int] = []
+    bias_values: list[float] = []
+    restricted: list[int] = []
+    allowed: list[np.ndarray] = []
+    for row, p in enumerate(params):
+        if p.logit_bias:
+            bias_rows += [row] * len(p.logit_bias)
+            bias_tokens += p.logit_bias.keys()
+            bias_values += p.logit_bias.values()
+        if p.allowed_token_ids:
+            restricted.append(row)
+            allowed.append(np.asarray(p.allowed_token_ids, dtype=np.int64))
+    if bias_rows:
+        sampling.bias_rows = np.asarray(bias_rows, dtype=np.int64)
+        sampling.bias_tokens = np.asarray(bias_tokens, dtype=np.int64)
+        sampling.bias_values = np.asarray(bias_values, dtype=np.float32)
+    if restricted:
+        sampling.restricted_rows = np.asarray(restricted, dtype=np.int64)
+        sampling.allowed_rows = np.repeat(sampling.restricted_rows, [len(a) for a in allowed])
+        sampling.allowed_tokens = np.concatenate(allowed)

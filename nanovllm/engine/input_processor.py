@@ -2,6 +2,7 @@
 ``ValueError`` naming what is wrong, before anything is queued."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import time
@@ -50,12 +51,15 @@ class InputProcessor:
         self.vocab_size: int = config.hf_config.vocab_size
         self.max_model_len: int = config.max_model_len  # type: ignore[assignment]
         self._seeds = random.Random(config.seed)
+        self._longest: int | None = None  # characters of the longest token, read from the vocabulary once
 
     def process(
         self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_time: float | None = None
     ) -> ProcessedRequest:
         text, prompt_ids = self.tokenize(prompt)
         max_tokens = self._check(prompt_ids, params)
+        if params.bad_words:
+            params = self._tokenize_bad_words(params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         prompt_tuple = tuple(prompt_ids)
         samples = tuple(
@@ -77,9 +81,7 @@ class InputProcessor:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must not be empty")
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer; pass token ids or give the engine a tokenizer")
-            return prompt, list(self.tokenizer.encode(prompt))
+            return prompt, self.encode(prompt)
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return None, list(prompt)
         raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
@@ -98,7 +100,52 @@ class InputProcessor:
             )
         except Exception as exc:  # noqa: BLE001 - a template is code run on user data; any failure is bad input
             raise ValueError(f"the chat template could not render these messages: {exc}") from None
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return self.encode(text, add_special_tokens=False)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; a text that cannot fit ``max_model_len`` is refused without tokenizing all of it
+        (a request of megabytes would otherwise cost seconds of CPU and a lot of memory for nothing)."""
+        if self.tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer; pass token ids or give the engine a tokenizer")
+        limit = self.max_model_len
+        # no token stands for more than `longest` characters (4x: normalizers may merge a few characters)
+        if len(text) > 4 * limit * self._longest_token_chars():
+            raise ValueError(f"prompt ({len(text)} characters) is longer than max_model_len ({limit} tokens)")
+        head = 8 * (limit + 16)
+        if len(text) > head and len(self.tokenizer.encode(text[:head], add_special_tokens=False)) > limit + 16:
+            raise ValueError(f"prompt (more than {limit} tokens in its first {head} characters) is longer than "
+                             f"max_model_len ({limit} tokens)")
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def _longest_token_chars(self) -> int:
+        if self._longest is None:
+            self._longest = max((len(token) for token in self.tokenizer.get_vocab()), default=1)
+        return self._longest
+
+    def _tokenize_bad_words(self, params: SamplingParams) -> SamplingParams:
+        """A copy of ``params`` with ``bad_words_token_ids``: each word (leading spaces stripped) tokenized as-is
+        and after a space, without special tokens, as vLLM does, so it is banned at the start of the text and
+        after a space. (vLLM keeps the spaced form only when it has as many tokens as the other; this keeps every
+        distinct form, which bans at least as much.)"""
+        if self.tokenizer is None:
+            raise ValueError("bad_words need a tokenizer, and this engine has none")
+        sequences: list[list[int]] = []
+        for word in params.bad_words or ():
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+                if ids and ids not in sequences:
+                    sequences.append(ids)
+        out_of_vocab = sorted({t for ids in sequences for t in ids if not 0 <= t < self.vocab_size})
+        if out_of_vocab:
+            raise ValueError(f"bad_words tokenize to ids outside the vocabulary [0, {self.vocab_size}): "
+                             f"{out_of_vocab[:5]}")
+        if params.allowed_token_ids is not None:
+            always_banned = {ids[0] for ids in sequences if len(ids) == 1}
+            if always_banned.issuperset(params.allowed_token_ids):
+                raise ValueError("bad_words ban every token of allowed_token_ids; no token could be sampled")
+        tokenized = dataclasses.replace(params)  # the caller's params may serve other requests: not changed
+        tokenized.bad_words_token_ids = sequences
+        return tokenized
 
     def _check(self, prompt_ids: list[int], params: SamplingParams) -> int:
         """Everything about the request that depends on the model and the pool; returns its resolved max_tokens."""
@@ -108,8 +155,11 @@ class InputProcessor:
         bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}")
+        if params.max_tokens is None and num_prompt >= self.max_model_len:
+            raise ValueError(f"prompt ({num_prompt} tokens) leaves no room to generate within max_model_len "
+                             f"({self.max_model_len})")
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - num_prompt
-        if num_prompt + max_tokens > self.max_model_len or max_tokens < 1:
+        if num_prompt + max_tokens > self.max_model_len:
             raise ValueError(
                 f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) must be at most "
                 f"max_model_len ({self.max_model_len})"
@@ -117,6 +167,17 @@ class InputProcessor:
         bad_stop = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad_stop:
             raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size}), got {bad_stop}")
+        if params.logit_bias:
+            bad_bias = [t for t in params.logit_bias if t >= self.vocab_size]
+            if bad_bias:
+                raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size}), got {bad_bias[:5]}")
+        if params.allowed_token_ids is not None:
+            if len(params.allowed_token_ids) > self.vocab_size:
+                raise ValueError(f"allowed_token_ids may hold at most the vocabulary size ({self.vocab_size}) ids, "
+                                 f"got {len(params.allowed_token_ids)}")
+            bad_allowed = [t for t in params.allowed_token_ids if t >= self.vocab_size]
+            if bad_allowed:
+                raise ValueError(f"allowed_token_ids must be in [0, {self.vocab_size}), got {bad_allowed[:5]}")
         block_size = self.config.block_size
         needed = -(-(num_prompt + max_tokens) // block_size)
         if needed > self.num_kv_pages:  # it would wait for room for ever

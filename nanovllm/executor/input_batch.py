@@ -10,7 +10,7 @@ import torch
 
 from nanovllm.executor.staging import HostStager
 from nanovllm.layers.attention.metadata import AttentionMetadata
-from nanovllm.layers.sampler import Penalties, SamplingBatch
+from nanovllm.layers.sampler import ConditionalBans, Penalties, SamplingBatch
 
 
 def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -64,9 +64,25 @@ class HostSampling:
     use_top_k_top_p: bool
     use_min_p: bool
     row_logprobs: list[int | None]  # top logprobs each row asks for (None: no logprobs)
-    banned_rows: np.ndarray | None = None  # (row, token) pairs that may not be sampled yet (min_tokens)
+    # (row, token) pairs that may not be sampled: stop tokens short of min_tokens, bad words' last tokens
+    banned_rows: np.ndarray | None = None
     banned_tokens: np.ndarray | None = None
     penalties: HostPenalties | None = None
+    # The optional arrays below exist only in batches where some row uses logit_bias, allowed_token_ids or
+    # bad_words. logit_bias: (row, token, bias) triples.
+    bias_rows: np.ndarray | None = None  # int64
+    bias_tokens: np.ndarray | None = None  # int64
+    bias_values: np.ndarray | None = None  # float32
+    # allowed_token_ids: the rows restricted, and (row, token) pairs of what each may sample
+    restricted_rows: np.ndarray | None = None  # int64
+    allowed_rows: np.ndarray | None = None  # int64
+    allowed_tokens: np.ndarray | None = None  # int64
+    # bad words whose prefix ends with a token still on the device: ban ``ban_if_tokens`` in ``ban_if_rows`` where
+    # the row's input token (``input_ids[ban_if_inputs]``, its newest token) is ``ban_if_after``
+    ban_if_rows: np.ndarray | None = None  # int64
+    ban_if_tokens: np.ndarray | None = None  # int64
+    ban_if_after: np.ndarray | None = None  # int64
+    ban_if_inputs: np.ndarray | None = None  # int64
 
     @property
     def num_logprobs(self) -> int:
@@ -154,6 +170,17 @@ def to_forward_batch(host: HostBatch, stager: HostStager) -> ForwardBatch:
         )
         if flags.banned_rows is not None:
             sampling.banned = (on_device["banned_rows"], on_device["banned_tokens"])
+        if flags.bias_rows is not None:
+            sampling.logit_bias = (on_device["bias_rows"], on_device["bias_tokens"], on_device["bias_values"])
+        if flags.restricted_rows is not None:
+            sampling.allowed = (on_device["restricted_rows"], on_device["allowed_rows"], on_device["allowed_tokens"])
+        if flags.ban_if_rows is not None:
+            # input_ids is the forward's own tensor: the forward fills in the tokens still on the device before
+            # the sampler reads it
+            sampling.conditional_bans = ConditionalBans(
+                rows=on_device["ban_if_rows"], tokens=on_device["ban_if_tokens"], after=on_device["ban_if_after"],
+                input_ids=on_device["input_ids"], inputs=on_device["ban_if_inputs"],
+            )
         if flags.penalties is not None:
             sampling.penalties = Penalties(
                 presence=on_device["presence"], frequency=on_device["frequency"],

@@ -1,5 +1,9 @@
 """Token sampling: greedy, temperature, top-k, top-p and min-p, reproducible per request, without host syncs.
 
+Before temperature and the filters, the logits go through the request's controls, in this order: penalties, then
+``logit_bias``, then ``allowed_token_ids`` (every other token -inf), then bans (stop tokens short of
+``min_tokens``, bad words). Logprobs are taken before all of them: they describe the model's own distribution.
+
 Randomness comes from a counter-based hash of (request seed, output position, token id) rather than a stateful
 generator. A request's samples therefore depend only on its own seed and its logits, never on which other requests
 share the batch, on preemption, or on the device: the same seed gives the same tokens everywhere. Sampling from
@@ -61,6 +65,25 @@ class Penalties:
 
 
 @dataclass
+class ConditionalBans:
+    """Bans decided on the device: a bad word whose prefix ends with the row's newest token, which was still on
+    the device when the host built the step (overlap scheduling). ``tokens[i]`` is banned in row ``rows[i]`` when
+    that row's input token, ``input_ids[inputs[i]]``, is ``after[i]`` (the host checked the rest of the prefix)."""
+
+    rows: torch.Tensor  # [C] int64
+    tokens: torch.Tensor  # [C] int64
+    after: torch.Tensor  # [C] int64
+    input_ids: torch.Tensor  # the step's input tokens, the pending ones filled in by the forward
+    inputs: torch.Tensor  # [C] int64: each row's last input token in input_ids
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """In place. Adding -inf or 0 (rather than assigning) keeps repeated (row, token) pairs exact in any order."""
+        hit = self.input_ids[self.inputs] == self.after
+        penalty = torch.where(hit, float("-inf"), 0.0).to(logits.dtype)
+        return logits.index_put_((self.rows, self.tokens), penalty, accumulate=True)
+
+
+@dataclass
 class SamplerOutput:
     token_ids: torch.Tensor  # [B]
     # with logprobs asked for: the sampled token then the top-N, ids and log-probabilities, [B, N + 1]
@@ -80,9 +103,13 @@ class SamplingBatch:
     all_greedy: bool
     use_top_k_top_p: bool
     use_min_p: bool
-    # (rows, token ids) that may not be sampled yet: stop tokens of requests still short of min_tokens
+    # (rows, token ids) that may not be sampled: stop tokens of requests still short of min_tokens, bad words
     banned: tuple[torch.Tensor, torch.Tensor] | None = None
     penalties: Penalties | None = None
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, token ids, biases)
+    # (restricted rows, then (rows, token ids) they may sample): allowed_token_ids
+    allowed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    conditional_bans: ConditionalBans | None = None
     num_logprobs: int = -1  # the most top logprobs any row asks for; -1: none
 
 
@@ -99,9 +126,9 @@ class Sampler(nn.Module):
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         if batch.penalties is not None:
             logits = batch.penalties.apply(logits.float())
-        if batch.banned is not None:
-            logits = logits.float().clone()  # never write into a graph's output buffer
-            logits[batch.banned] = float("-inf")
+        if (batch.banned is not None or batch.logit_bias is not None or batch.allowed is not None
+                or batch.conditional_bans is not None):
+            logits = _apply_logit_controls(logits, batch)
         if batch.all_greedy:
             return logits.argmax(dim=-1)
         is_random = batch.temperatures > 0
@@ -120,6 +147,34 @@ class Sampler(nn.Module):
         gumbel = -torch.log(-torch.log(uniform_noise(batch.keys, logits.shape[-1])))
         scores = logits.float() * inv_temperatures.unsqueeze(1) + torch.where(is_random.unsqueeze(1), gumbel, 0.0)
         return scores.argmax(dim=-1)
+
+
+def _apply_logit_controls(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """logit_bias, allowed_token_ids and bans, on a float32 copy (never write into a graph's output buffer).
+
+    A row that the bans would leave without any token (they cover all of its allowed tokens) keeps its allowed
+    tokens instead: it still samples one of those, rather than a token the row does not allow."""
+    logits = logits.float().clone()
+    if batch.logit_bias is not None:
+        rows, tokens, biases = batch.logit_bias
+        logits.index_put_((rows, tokens), biases, accumulate=True)  # each (row, token) once
+    unbanned = None
+    if batch.allowed is not None:
+        restricted, rows, tokens = batch.allowed
+        blocked = torch.zeros_like(logits, dtype=torch.bool)
+        blocked[restricted] = True
+        blocked[rows, tokens] = False
+        logits.masked_fill_(blocked, float("-inf"))
+        if batch.banned is not None or batch.conditional_bans is not None:
+            unbanned = logits.clone()
+    if batch.banned is not None:
+        logits[batch.banned] = float("-inf")
+    if batch.conditional_bans is not None:
+        batch.conditional_bans.apply(logits)
+    if unbanned is not None:
+        nothing_left = torch.isneginf(logits).all(dim=-1, keepdim=True)
+        logits = torch.where(nothing_left, unbanned, logits)
+    return logits
 
 
 def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
