@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from nanovllm.engine.stop_matcher import StopMatcher
+
 _CONTEXT_TOKENS = 5  # prompt tokens used as left context for the first output tokens
 
 
@@ -17,8 +19,7 @@ class IncrementalDetokenizer:
     ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.stop = stop
-        self.max_stop_len = max((len(s) for s in stop), default=0)
+        self.stops = StopMatcher(stop) if stop else None
         context = prompt_token_ids[-_CONTEXT_TOKENS:]
         self.ids: list[int] = list(context)
         self.prefix_offset = 0
@@ -56,14 +57,9 @@ class IncrementalDetokenizer:
     def _append(self, delta: str) -> str:
         before = len(self.text)
         self.text += delta
-        if self.stop:
-            # a stop string may straddle the old text and the delta
-            search_from = max(0, before - self.max_stop_len + 1)
-            hits = [(self.text.find(s, search_from), s) for s in self.stop]
-            hits = [(index, s) for index, s in hits if index >= 0]
-            if hits:
-                index, stop = min(hits)
-                self.stop_reason = stop
-                self.text = self.text[:index]
-                return self.text[before:] if index > before else ""
+        hit = self.stops.find(self.text, before) if self.stops is not None else None
+        if hit is not None:
+            index, self.stop_reason = hit
+            self.text = self.text[:index]
+            return self.text[before:] if index > before else ""
         return delta
