@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from typing import Any, Sequence
 
@@ -12,6 +13,8 @@ from nanovllm.engine.input_processor import Prompt
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 class LLM:
@@ -32,7 +35,12 @@ class LLM:
         """Generate for every prompt; outputs come back in input order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # one prompt, as text or as token ids
-        prompts = list(prompts)
+        return self._generate(list(prompts), sampling_params, use_tqdm)
+
+    def _generate(
+        self, prompts: list[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+        use_tqdm: bool, texts: list[str] | None = None,
+    ) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
@@ -44,7 +52,9 @@ class LLM:
             )
         # validate everything before queueing anything, so a bad prompt leaves the engine untouched
         intake = self.engine.input_processor
-        requests = [intake.process(str(next(self._ids)), p, params) for p, params in zip(prompts, sampling_params)]
+        texts = texts or [None] * len(prompts)  # type: ignore[list-item]
+        requests = [intake.process(str(next(self._ids)), p, params, prompt_text=text)
+                    for p, params, text in zip(prompts, sampling_params, texts)]
         for request in requests:
             self.engine.add_processed(request)
         return self._run([request.request_id for request in requests], use_tqdm)
@@ -59,6 +69,8 @@ class LLM:
                 for output in self.engine.step():
                     results[output.request_id] = output
                     bar.update(1)
+                    for failed in (c for c in output.outputs if c.finish_reason == "error"):
+                        logger.error("request %s failed: %s", output.request_id, failed.stop_reason)
                 elapsed = max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix(
                     prefill=f"{(stats.num_prompt_tokens - prompt_start) / elapsed:.0f} tok/s",
@@ -95,6 +107,8 @@ class LLM:
     ) -> list[RequestOutput]:
         """Apply the tokenizer's chat template to one conversation or a list of them, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        render = self.engine.input_processor.render_chat
-        prompts = [render(c, add_generation_prompt, chat_template_kwargs) for c in conversations]  # type: ignore[arg-type]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        intake = self.engine.input_processor
+        texts = [intake.render_chat_text(c, add_generation_prompt, chat_template_kwargs)  # type: ignore[arg-type]
+                 for c in conversations]
+        prompts: list[Prompt] = [intake.encode(text, add_special_tokens=False) for text in texts]
+        return self._generate(prompts, sampling_params, use_tqdm, texts)

@@ -10,8 +10,8 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
-    stop_reason: int | str | None = None  # the stop string or token id that ended it
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
+    stop_reason: int | str | None = None  # the stop string or token id that ended it; the error, for "error"
     logprobs: list[dict[int, float]] | None = None  # per generated token: {token_id: logprob}
 
     def finished(self) -> bool:

@@ -390,7 +390,7 @@ def test_scheduler_invariants_with_micro_batches_and_prefix_cache(sc: Scenario) 
 def test_overlap_never_schedules_past_max_tokens() -> None:
     """With overlap, step N+1 is scheduled before step N's token is known. When step N samples a request's
     max_tokens-th token, the request is certain to finish, so step N+1 must not decode it again (vLLM's async
-    scheduler skips such requests): that decode is wasted work, takes a KV page the request's check_fits budget
+    scheduler skips such requests): that decode is wasted work, takes a KV page the request's fit-check budget
     never counted, and under page pressure causes needless preemption."""
     kv = KVCacheManager(num_pages=16, page_size=4, enable_prefix_caching=False)
     sched = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)

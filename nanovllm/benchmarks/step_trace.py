@@ -44,7 +44,7 @@ class StepRecorder:
         # that waits for them counts as idle, not busy
         self._runner = getattr(core.executor, "runner", core.executor)
         self._launch = None
-        if getattr(core.executor, "device_type", "cpu") == "cuda":
+        if core.executor.device_type == "cuda":
             self._launch = self._runner.launch
             self._runner.launch = self._recording_launch
 

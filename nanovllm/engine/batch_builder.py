@@ -12,8 +12,8 @@ from nanovllm.sampling_params import SamplingParams
 
 
 def build_host_batch(sched: SchedulerOutput, block_size: int, vocab_size: int) -> HostBatch:
-    """Also gives each sampling request its row in this step's samples (``sample_row``), after reading the row of
-    the previous step: with overlap scheduling that is where a decode row's input token still is, on the device."""
+    """A pure function of the step: a decode row whose input token is still on the device (overlap scheduling)
+    reads it from row ``request.sample_row`` of the previous step's samples, which the engine sets at launch."""
     chunks = sched.chunks
     query_lens = [chunk.num_tokens for chunk in chunks]
     seq_lens = [chunk.start + chunk.num_tokens for chunk in chunks]
@@ -41,8 +41,6 @@ def build_host_batch(sched: SchedulerOutput, block_size: int, vocab_size: int) -
         block_tables[i, : len(pages)] = pages
         wants_prompt_logprobs |= request.sampling_params.prompt_logprobs is not None
     sampled_chunks = sched.sampled_chunks
-    for row, chunk in enumerate(sampled_chunks):
-        chunk.request.sample_row = row
 
     positions = np.asarray(position_list, dtype=np.int64)
     page_index = positions // block_size

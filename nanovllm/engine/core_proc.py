@@ -52,9 +52,9 @@ def run_engine_core(
         core = _build_core(config)
     except BaseException as exc:  # noqa: BLE001 - anything here is a startup failure the parent must see
         logger.debug("engine core startup failed", exc_info=True)
-        _try_send(outbox, msg.CoreFailed(f"{type(exc).__name__}: {exc}", during_startup=True))
+        _try_send(outbox, msg.CoreFailed(f"{type(exc).__name__}: {exc}"))
         sys.exit(1)
-    _try_send(outbox, msg.CoreReady(core.num_kv_pages, config.max_model_len))  # type: ignore[arg-type]
+    _try_send(outbox, msg.CoreReady(core.num_kv_pages))
     try:
         _CoreLoop(core, inbox, outbox, parent_pid).run()
     except (EOFError, BrokenPipeError, ConnectionResetError):
@@ -131,7 +131,10 @@ class _CoreLoop:
         self.stats_dirty = True
         if isinstance(message, msg.AddRequests):
             for spec in message.requests:
-                self.core.add_request(spec)
+                try:
+                    self.core.add_request(spec)
+                except Exception as exc:  # noqa: BLE001 - one bad request fails alone
+                    self.outbox.send(msg.RequestFailed(spec.request_id, f"{type(exc).__name__}: {exc}"))
         elif isinstance(message, msg.AbortRequests):
             for request_id in message.request_ids:
                 self.core.abort_request(request_id)

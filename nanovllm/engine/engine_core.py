@@ -16,6 +16,7 @@ from nanovllm.engine.request import Request, RequestStatus
 from nanovllm.engine.scheduler import Scheduler, SchedulerOutput
 from nanovllm.engine.serving_stats import CoreStats
 from nanovllm.executor.base import Executor, LaunchedStep
+from nanovllm.executor.input_batch import HostBatch
 
 logger = logging.getLogger(__name__)
 
@@ -89,25 +90,60 @@ class EngineCore:
         # the named ranges show up in a torch profiler trace (bench throughput --profile)
         with record_function("nanovllm.schedule"):
             sched = self.scheduler.schedule()
+        failed: list[Request] = []
         if not sched.is_empty:
             with record_function("nanovllm.launch"):
-                host = build_host_batch(sched, self.config.block_size, self.vocab_size)
-                self.in_flight.append(_InFlight(sched, self.executor.launch(host)))
-        updated = []
+                host = self._build(sched, failed)
+                if not sched.is_empty:
+                    self.in_flight.append(_InFlight(sched, self.executor.launch(host)))
+                    for row, chunk in enumerate(sched.sampled_chunks):  # where the next step finds the token
+                        chunk.request.sample_row = row
+        updated: list[tuple[Request, int, dict[int, float] | None]] = [(r, -1, None) for r in failed]
         if self.in_flight and (len(self.in_flight) > self.max_in_flight or sched.is_empty):
             done = self.in_flight.popleft()
             with record_function("nanovllm.collect"):
                 result = self.executor.collect(done.step)
             with record_function("nanovllm.update"):
-                updated = self.scheduler.update(done.sched, result)
-            self._count(done.sched, len(updated))
+                step_updates = self.scheduler.update(done.sched, result)
+            self._count(done.sched, sum(1 for _, token, _ in step_updates if token >= 0))
+            updated += step_updates
         step_time = time.perf_counter() - start
         self.stats.step_time_s += step_time
         self.stats.host_time_s += step_time - self.executor.take_wait_time()
-        return [self._output(request, token, logprobs) for request, token, logprobs in updated]
+        outputs = []
+        for request, token, logprobs in updated:
+            try:
+                outputs.append(self._output(request, token, logprobs))
+            except Exception as exc:  # noqa: BLE001 - one request's fault
+                self.scheduler.fail_request(request, exc)
+                outputs.append(EngineCoreOutput(request.request_id, [], "error", f"{type(exc).__name__}: {exc}"))
+        return outputs
+
+    def _build(self, sched: SchedulerOutput, failed: list[Request]) -> HostBatch | None:
+        """The step's host arrays. If they cannot be built, the requests whose own arrays cannot be built are
+        failed and taken out of the step (appended to ``failed``), and the rest goes on; a failure no single
+        request explains is the engine's, and raised."""
+        try:
+            return build_host_batch(sched, self.config.block_size, self.vocab_size)
+        except Exception:
+            culprits = []
+            for chunk in list(sched.chunks):
+                try:
+                    build_host_batch(SchedulerOutput([chunk], chunk.num_tokens), self.config.block_size,
+                                     self.vocab_size)
+                except Exception as exc:  # noqa: BLE001
+                    culprits.append((chunk.request, exc))
+            if not culprits:
+                raise
+        for request, exc in culprits:
+            self.scheduler.fail_request(request, exc, sched)
+            failed.append(request)
+        return build_host_batch(sched, self.config.block_size, self.vocab_size) if not sched.is_empty else None
 
     @staticmethod
     def _output(request: Request, token: int, logprobs: dict[int, float] | None) -> EngineCoreOutput:
+        if request.status is RequestStatus.FINISHED_ERROR:
+            return EngineCoreOutput(request.request_id, [], "error", request.stop_reason)
         out = EngineCoreOutput(
             request_id=request.request_id,
             new_token_ids=[token],

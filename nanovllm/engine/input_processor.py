@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import random
 import time
 from dataclasses import dataclass
@@ -14,7 +13,6 @@ from nanovllm.engine.messages import EngineRequest
 from nanovllm.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
-_INT64 = 1 << 64
 
 
 @dataclass(frozen=True)
@@ -32,14 +30,10 @@ def sample_request_id(request_id: str, index: int, n: int) -> str:
     return request_id if n == 1 else f"{request_id}#{index}"
 
 
-def sample_seed(seed: int, index: int, n: int) -> int:
-    """The sampling seed of sample ``index``: the user's seed (as a signed 64-bit integer) for a single sample,
-    else a hash of the seed and the index, so samples differ and no seed can overflow."""
-    if n == 1:
-        seed %= _INT64
-        return seed - _INT64 if seed >= 1 << 63 else seed
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+def sample_seed(seed: int, index: int) -> int:
+    """Sample ``index`` samples with ``seed + index`` (as vLLM does), wrapped into a signed 64-bit integer so
+    that no seed can overflow the step's arrays."""
+    return (seed + index + (1 << 63)) % (1 << 64) - (1 << 63)
 
 
 class InputProcessor:
@@ -54,9 +48,12 @@ class InputProcessor:
         self._longest: int | None = None  # characters of the longest token, read from the vocabulary once
 
     def process(
-        self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_time: float | None = None
+        self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_time: float | None = None,
+        prompt_text: str | None = None,
     ) -> ProcessedRequest:
+        """``prompt_text``: the text that token-id prompts were made from (a rendered chat), for the outputs."""
         text, prompt_ids = self.tokenize(prompt)
+        text = text if text is not None else prompt_text
         max_tokens = self._check(prompt_ids, params)
         if params.bad_words:
             params = self._tokenize_bad_words(params)
@@ -68,7 +65,7 @@ class InputProcessor:
                 prompt_token_ids=prompt_tuple,
                 sampling_params=params,
                 max_tokens=max_tokens,
-                sampling_seed=(sample_seed(params.seed, i, params.n) if params.seed is not None
+                sampling_seed=(sample_seed(params.seed, i) if params.seed is not None
                                else self._seeds.getrandbits(63)),
                 eos_token_ids=self.eos_ids,
                 arrival_time=arrival,
@@ -92,15 +89,21 @@ class InputProcessor:
     ) -> list[int]:
         """A conversation as prompt token ids, through the tokenizer's chat template (which already holds any
         special tokens, so none are added again)."""
+        return self.encode(self.render_chat_text(messages, add_generation_prompt, template_kwargs),
+                           add_special_tokens=False)
+
+    def render_chat_text(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("messages need a chat template, and this model has none; send a plain prompt")
         try:
-            text = self.tokenizer.apply_chat_template(
+            return self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=add_generation_prompt, **(template_kwargs or {})
             )
         except Exception as exc:  # noqa: BLE001 - a template is code run on user data; any failure is bad input
             raise ValueError(f"the chat template could not render these messages: {exc}") from None
-        return self.encode(text, add_special_tokens=False)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; a text that cannot fit ``max_model_len`` is refused without tokenizing all of it

@@ -50,7 +50,9 @@ class LLMEngine:
         return stats
 
     def step(self) -> list[RequestOutput]:
-        outputs, stops = self.output_processor.process(self.core.step())
-        for stop in stops:
+        processed = self.output_processor.process(self.core.step())
+        for stop in processed.stops:
             self.core.finish_request(stop.request_id, stop.stop)
-        return outputs
+        for request_id in processed.aborts:
+            self.core.abort_request(request_id)
+        return processed.outputs

@@ -75,7 +75,6 @@ ToCore = AddRequests | AbortRequests | FinishRequests | QueryStats | Shutdown
 @dataclass(frozen=True)
 class CoreReady:
     num_kv_pages: int
-    max_model_len: int
 
 
 @dataclass(frozen=True)
@@ -100,10 +99,9 @@ class StatsReply:
 
 @dataclass(frozen=True)
 class CoreFailed:
-    """The core could not start (``during_startup``) or cannot go on; it exits after sending this."""
+    """The core could not start, or cannot go on; it exits after sending this."""
 
     message: str
-    during_startup: bool = False
 
 
 FromCore = CoreReady | CoreOutputs | RequestFailed | StatsReply | CoreFailed

@@ -22,10 +22,11 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"  # eos, a stop token or a stop string
     FINISHED_LENGTH = "length"  # max_tokens or max_model_len
     FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"  # failed inside the engine; the others go on
 
     @property
     def finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+        return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
 
 
 @dataclass(eq=False)
@@ -52,7 +53,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_cached_tokens: int = -1  # prompt tokens served by the prefix cache at first admission; -1 before
     num_preemptions: int = 0
-    stop_reason: int | str | None = None
+    stop_reason: int | str | None = None  # the stop token or string; with FINISHED_ERROR, the error
     prefix_node: Any = None  # the prefix-cache node this request has locked, if any
     prompt_logprobs: list[dict[int, float]] = field(default_factory=list)  # for prompt positions 1.. (echo)
     prompt_logprobs_sent: bool = False

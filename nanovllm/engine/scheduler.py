@@ -11,12 +11,15 @@ results are in, and each micro-batch takes about 1/num_micro_batches of the requ
 """
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 
 from nanovllm.engine.kv_manager import KVCacheManager
 from nanovllm.engine.request import PLACEHOLDER, Request, RequestStatus
 from nanovllm.executor.base import ModelOutput
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -231,7 +234,8 @@ class Scheduler:
     def update(self, out: SchedulerOutput, result: ModelOutput) -> list[tuple[Request, int, dict | None]]:
         """Fill in each sampled token, check the stop conditions and release finished requests.
 
-        Returns (request, token, its logprobs) for every request that got a token this step."""
+        Returns (request, token, its logprobs) for every request that got a token this step. A request whose update
+        fails is failed alone (``FINISHED_ERROR``), and listed with token -1."""
         updated: list[tuple[Request, int, dict | None]] = []
         sampled = iter(range(len(result.token_ids)))
         for chunk in out.chunks:
@@ -240,23 +244,52 @@ class Scheduler:
             row = next(sampled) if chunk.sample else None
             if request.is_finished:  # aborted, or stopped while this step ran
                 continue
-            if request.request_id in result.prompt_logprobs and not request.prompt_logprobs_sent:
-                request.prompt_logprobs.extend(result.prompt_logprobs[request.request_id])
-            if chunk.start < request.num_prompt_tokens:
-                self.kv.cache_computed(request, chunk.start + chunk.num_tokens)
-            if row is None:
+            try:
+                token = self._update_one(chunk, result, row)
+            except Exception as exc:  # noqa: BLE001 - a fault tied to one request must not stop the others
+                self.fail_request(request, exc)
+                updated.append((request, -1, None))
                 continue
-            token = result.token_ids[row]
-            request.token_ids[chunk.output_index] = token
-            updated.append((request, token, result.logprobs[row] if result.logprobs else None))
-            status = self._stop_status(request, token, chunk.output_index)
-            if status is not None:
-                if request.status == RequestStatus.RUNNING:
-                    self.running.remove(request)
-                else:
-                    self.waiting.remove(request)
-                self._finish(request, status)
+            if token is not None:
+                updated.append((request, token, result.logprobs[row] if result.logprobs and row is not None else None))
         return updated
+
+    def _update_one(self, chunk: ScheduledChunk, result: ModelOutput, row: int | None) -> int | None:
+        request = chunk.request
+        if request.request_id in result.prompt_logprobs and not request.prompt_logprobs_sent:
+            request.prompt_logprobs.extend(result.prompt_logprobs[request.request_id])
+        if chunk.start < request.num_prompt_tokens:
+            self.kv.cache_computed(request, chunk.start + chunk.num_tokens)
+        if row is None:
+            return None
+        token = result.token_ids[row]
+        request.token_ids[chunk.output_index] = token
+        status = self._stop_status(request, token, chunk.output_index)
+        if status is not None:
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self._finish(request, status)
+        return token
+
+    def fail_request(self, request: Request, error: BaseException, sched: SchedulerOutput | None = None) -> None:
+        """End one request with ``FINISHED_ERROR`` (its pages freed); with ``sched``, also take its chunk out of that
+        step, which must not have been launched yet."""
+        logger.error("request %s failed: %s: %s", request.request_id, type(error).__name__, error,
+                     exc_info=(type(error), error, error.__traceback__))
+        if sched is not None:
+            for i, chunk in enumerate(sched.chunks):
+                if chunk.request is request:
+                    sched.num_batched_tokens -= chunk.num_tokens
+                    del sched.chunks[i]
+                    break
+            doomed = set(request.page_table)
+            sched.page_copies = [(src, dst) for src, dst in sched.page_copies if dst not in doomed]
+            request.in_flight = False
+        if request.request_id in self.requests:
+            self.finish_request(request.request_id, RequestStatus.FINISHED_ERROR,
+                                f"{type(error).__name__}: {error}")
 
     def _stop_status(self, request: Request, token: int, index: int) -> RequestStatus | None:
         params = request.sampling_params

@@ -142,6 +142,7 @@ class CUDAGraphRunner:
         meta = batch.meta
         size = meta.num_seqs
         bucket = next(b for b in self.buckets if b >= size)
+        assert (self.stage_input is None) == (stage_input is None), "a later pipeline stage replays with its input"
         if self.stage_input is not None and stage_input is not None:
             self.stage_input.hidden[:size].copy_(stage_input.hidden)
             self.stage_input.residual[:size].copy_(stage_input.residual)

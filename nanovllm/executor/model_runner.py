@@ -248,8 +248,7 @@ class ModelRunner:
         }
 
     def shutdown(self) -> None:
-        """A single-device engine has no workers; this frees its graphs (decode runs eagerly afterwards)."""
-        self.release_graphs()
+        """A single-device engine has no worker processes to stop."""
 
     # ---- a step -----------------------------------------------------------------------------------------------
 

@@ -45,7 +45,6 @@ def stage_model_class(base: type[nn.Module], start: int, end: int, first: bool, 
 
     class PipelineStage(base):  # type: ignore[misc, valid-type]
         is_pipeline_stage = True  # the loader skips checkpoint tensors of layers other stages own
-        stage_is_first, stage_is_last = first, last
 
         def __init__(self, config: Any, fast_path: bool = False) -> None:
             super().__init__(config, fast_path)
