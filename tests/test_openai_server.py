@@ -170,8 +170,14 @@ def test_stop_strings_and_penalties_accepted(client: openai.OpenAI) -> None:
     out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0.5, presence_penalty=1.0,
                                     frequency_penalty=0.5, user="someone",
                                     extra_body={"repetition_penalty": 1.2, "min_tokens": 2, "top_k": 10,
-                                                "min_p": 0.05, "stop_token_ids": [0], "unknown_field": 1})
+                                                "min_p": 0.05, "stop_token_ids": [0]})
     assert out.usage.completion_tokens >= 2
+
+
+def test_unknown_field_is_a_400_naming_it(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, extra_body={"unknown_field": 1})
+    assert info.value.body["param"] == "unknown_field" and "unknown field" in info.value.body["message"]
 
 
 # ---- chat -----------------------------------------------------------------------------------------------------------
@@ -221,6 +227,7 @@ BAD_COMPLETIONS = [
     ({"max_tokens": MAX_MODEL_LEN}, "max_tokens", "max_model_len"),
     ({"prompt": ""}, "prompt", "empty"),
     ({"prompt": []}, "prompt", "empty"),
+    ({"prompt": ["a", ""]}, "prompt", "empty"),
     ({"prompt": [1, 2, 10**6]}, "prompt", "[0, "),
     ({"logprobs": 21}, "logprobs", "[0, 20]"),
     ({"n": 0}, "n", "[1, "),

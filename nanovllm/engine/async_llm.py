@@ -1,10 +1,11 @@
 """``AsyncLLM``: the asyncio streaming front end, with the engine core in a child process.
 
-Front end (this process, one event loop): tokenize and validate (``InputProcessor``), keep per-request output state,
-detokenize incrementally and find stop strings (``OutputProcessor``), and feed each request's stream. Engine core
-(child process, see ``core_proc``): schedule and run batches. ``EngineCoreClient`` joins the two; its reader thread
-hands every message to the event loop with ``call_soon_threadsafe``, so all front-end state is touched by the loop
-thread only and needs no locks.
+Nothing heavy runs on the event loop, so one large request never stalls the others or ``/health``:
+- intake (tokenization, chat templates, validation: ``InputProcessor``) runs on a small thread pool;
+- output processing (incremental detokenization, stop strings: ``OutputProcessor``) runs on the core client's reader
+  thread as each step's outputs arrive, under a lock shared with the loop's registrations and aborts;
+- the loop only hands finished deltas to each request's stream (``call_soon_threadsafe``).
+The engine core (child process, see ``core_proc``) schedules and runs batches.
 
 A request whose consumer stops early (``break``, task cancelled, client gone) is aborted in the ``finally`` of its
 stream, which frees its pages in the core.
@@ -14,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from collections import deque
 from dataclasses import replace
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.core_client import EngineCoreClient, EngineDeadError, EngineStartupError
@@ -31,7 +34,14 @@ from nanovllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AsyncLLM", "EngineDeadError", "EngineStartupError", "RequestStream"]
+__all__ = ["AsyncLLM", "EngineDeadError", "EngineStartupError", "RequestFailedError", "RequestStream"]
+
+_INTAKE_THREADS = 4
+T = TypeVar("T")
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed this request (and only this one); the message says why."""
 
 
 class RequestStream:
@@ -91,12 +101,14 @@ class AsyncLLM:
         self.tokenizer = files.tokenizer
         self.output_processor = OutputProcessor(self.tokenizer, always_incremental=True)
         self.stats = FrontendStats()
+        self._lock = threading.Lock()  # the output processor and stats: the loop and the reader thread share them
+        self._intake = ThreadPoolExecutor(_INTAKE_THREADS, thread_name_prefix="nanovllm-intake")
         self._streams: dict[str, RequestStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count()
         self._dead_reason: str | None = None
         self.core = EngineCoreClient(config, self._on_core_message, self._on_core_death, startup_timeout_s)
-        self.input_processor = InputProcessor(config, self.tokenizer, files.eos_token_ids, self.core.num_kv_blocks)
+        self.input_processor = InputProcessor(config, self.tokenizer, files.eos_token_ids, self.core.num_kv_pages)
 
     @classmethod
     def from_engine_args(cls, model: str, **engine_args: Any) -> "AsyncLLM":
@@ -114,25 +126,33 @@ class AsyncLLM:
     def num_unfinished_requests(self) -> int:
         return len(self._streams)
 
+    async def run_in_intake(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run tokenizer work (tokenize, detokenize, chat templates) off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._intake, fn, *args)
+
     # ---- requests ---------------------------------------------------------------------------------------------
 
-    def add_request(
+    async def add_request(
         self, request_id: str | None, prompt: Prompt, params: SamplingParams | None = None, stream: bool = True
     ) -> AsyncIterator[RequestOutput]:
-        """Validate and queue a request now (``ValueError`` before anything is queued), then iterate its outputs.
+        """Validate and queue a request (``ValueError`` before anything is queued), then iterate its outputs.
 
         With ``stream`` each output holds only what is new (text delta, new token ids and logprobs); without it the
-        one output is the finished request. Must be called from the event loop that consumes the outputs."""
+        one output is the finished request. Must be awaited on the event loop that consumes the outputs."""
         self._check_healthy()
         self._bind_loop()
         params = params if params is not None else SamplingParams()
         request_id = request_id if request_id is not None else f"{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        request = self.input_processor.process(request_id, prompt, params)
-        self.output_processor.add_request(request, stream)
-        for spec in request.engine_requests:
-            self.stats.on_added(spec.request_id, spec.arrival_time)
+        request = await self.run_in_intake(self.input_processor.process, request_id, prompt, params)
+        self._check_healthy()
+        if request_id in self._streams:  # taken while this one was being tokenized
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        with self._lock:
+            self.output_processor.add_request(request, stream)
+            for spec in request.engine_requests:
+                self.stats.on_added(spec.request_id, spec.arrival_time)
         stream_state = RequestStream(request_id, merge=stream)
         self._streams[request_id] = stream_state
         self.core.add_requests(request.engine_requests)
@@ -146,7 +166,7 @@ class AsyncLLM:
         stream: bool = True,
     ) -> AsyncIterator[RequestOutput]:
         """``async for out in engine.generate(...)``: delta outputs as tokens arrive (see ``add_request``)."""
-        outputs = self.add_request(request_id, prompt, sampling_params, stream)
+        outputs = await self.add_request(request_id, prompt, sampling_params, stream)
         try:
             async for out in outputs:
                 yield out
@@ -173,13 +193,14 @@ class AsyncLLM:
     def abort_request(self, request_id: str) -> None:
         """``abort`` for synchronous code on the event loop's thread."""
         stream = self._streams.pop(request_id, None)
-        state = self.output_processor.states.get(request_id)
-        if stream is not None and state is not None:
-            unfinished = [c.output for c in state.completions if not c.output.finished()]
-            stream.put(RequestOutput(
-                request_id=request_id, prompt=state.prompt, prompt_token_ids=state.prompt_token_ids,
-                outputs=[CompletionOutput(c.index, "", [], "abort") for c in unfinished], finished=True,
-            ))
+        with self._lock:
+            state = self.output_processor.states.get(request_id)
+            if stream is not None and state is not None:
+                unfinished = [c.output for c in state.completions if not c.output.finished()]
+                stream.put(RequestOutput(
+                    request_id=request_id, prompt=state.prompt, prompt_token_ids=state.prompt_token_ids,
+                    outputs=[CompletionOutput(c.index, "", [], "abort") for c in unfinished], finished=True,
+                ))
         self._abort_now(request_id)
 
     def abort_all(self, error: BaseException) -> None:
@@ -190,9 +211,10 @@ class AsyncLLM:
         self._streams.clear()
 
     def _abort_now(self, request_id: str) -> None:
-        children = self.output_processor.abort_request(request_id)
-        for child in children:
-            self.stats.on_removed(child)
+        with self._lock:
+            children = self.output_processor.abort_request(request_id)
+            for child in children:
+                self.stats.on_removed(child)
         self.core.abort(children)
 
     def _bind_loop(self) -> None:
@@ -206,38 +228,50 @@ class AsyncLLM:
         self._streams.clear()
         self._loop = loop
 
-    # ---- messages from the core (reader thread -> event loop) -------------------------------------------------
+    # ---- messages from the core (on the reader thread) --------------------------------------------------------
 
     def _on_core_message(self, message: CoreOutputs | RequestFailed) -> None:
         loop = self._loop
         if loop is None:
             return
-        try:
-            loop.call_soon_threadsafe(self._handle_core_message, message)
-        except RuntimeError:  # the loop was closed meanwhile; nobody waits for these outputs
-            pass
-
-    def _handle_core_message(self, message: CoreOutputs | RequestFailed) -> None:
-        if isinstance(message, CoreOutputs):
-            self.stats.on_outputs(message.outputs)
-            results, to_stop = self.output_processor.process(message.outputs)
-            if to_stop:  # stop strings found here: the core must stop those requests and free their pages
-                self.core.finish(to_stop)
-                for stop in to_stop:
+        with self._lock:
+            if isinstance(message, CoreOutputs):
+                self.stats.on_outputs(message.outputs)
+                processed = self.output_processor.process(message.outputs)
+                for stop in processed.stops:
                     self.stats.on_removed(stop.request_id, "stop")
-            for out in results:
-                stream = self._streams.get(out.request_id)
-                if stream is not None:
-                    stream.put(out)
-                    if out.finished:
-                        del self._streams[out.request_id]
-        else:
-            parent = self.output_processor.child_to_parent.get(message.request_id)
-            if parent is not None:
-                stream = self._streams.pop(parent[0], None)
-                self._abort_now(parent[0])
-                if stream is not None:
-                    stream.put(ValueError(message.message))
+                deliveries = [(out, _error_of(out)) for out in processed.outputs]
+                stops, aborts = processed.stops, processed.aborts
+                for child in aborts:
+                    self.stats.on_removed(child)
+            else:
+                parent = self.output_processor.child_to_parent.get(message.request_id)
+                deliveries, stops, aborts = [], [], []
+                if parent is not None:
+                    deliveries = [(parent[0], ValueError(message.message))]
+        self.core.finish(stops)  # stop strings found here: the core must stop those requests and free their pages
+        self.core.abort(aborts)
+        if deliveries:
+            try:
+                loop.call_soon_threadsafe(self._deliver, deliveries)
+            except RuntimeError:  # the loop was closed meanwhile; nobody waits for these outputs
+                pass
+
+    def _deliver(self, deliveries: list[tuple[RequestOutput | str, BaseException | None]]) -> None:
+        """On the loop: hand outputs to their streams; a failed request's stream gets its error instead."""
+        for item, error in deliveries:
+            request_id = item if isinstance(item, str) else item.request_id
+            stream = self._streams.get(request_id)
+            if stream is None:
+                continue
+            if error is not None:
+                del self._streams[request_id]
+                self._abort_now(request_id)
+                stream.put(error)
+                continue
+            stream.put(item)  # type: ignore[arg-type]
+            if item.finished:  # type: ignore[union-attr]
+                del self._streams[request_id]
 
     def _on_core_death(self, reason: str) -> None:
         self._dead_reason = reason
@@ -289,9 +323,15 @@ class AsyncLLM:
             except RuntimeError:
                 pass
         self.core.shutdown()
+        self._intake.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> "AsyncLLM":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _error_of(out: RequestOutput) -> RequestFailedError | None:
+    failed = [c for c in out.outputs if c.finish_reason == "error"]
+    return RequestFailedError(f"the engine failed this request: {failed[0].stop_reason}") if failed else None

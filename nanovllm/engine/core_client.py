@@ -78,14 +78,14 @@ class EngineCoreClient:
         except BaseException:
             self.shutdown()
             raise
-        self.num_kv_blocks: int = info.num_kv_pages
-        self.latest_stats = CoreStats(num_kv_pages=self.num_kv_blocks)
+        self.num_kv_pages: int = info.num_kv_pages
+        self.latest_stats = CoreStats(num_kv_pages=self.num_kv_pages)
         self._send_queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name="nanovllm-core-sender", daemon=True)
         self._reader = threading.Thread(target=self._read_loop, name="nanovllm-core-reader", daemon=True)
         self._sender.start()
         self._reader.start()
-        logger.info("engine core process %d is ready (%d KV pages)", self._proc.pid, self.num_kv_blocks)
+        logger.info("engine core process %d is ready (%d KV pages)", self._proc.pid, self.num_kv_pages)
 
     @property
     def pid(self) -> int | None:

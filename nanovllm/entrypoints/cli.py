@@ -48,6 +48,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $NANOVLLM_API_KEY)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM")
+    p.add_argument("--max-request-bytes", type=int, default=16 << 20,
+                   help="largest request body accepted; larger ones get 413 (default: 16 MiB)")
+    p.add_argument("--client-timeout", type=float, default=30.0,
+                   help="seconds a client has to send a whole request (head and body); then 408 or the connection "
+                        "closes")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let requests supply their own chat template (it is code the server runs)")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     add_engine_args(p)

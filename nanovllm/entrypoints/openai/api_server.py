@@ -4,6 +4,9 @@ Shutdown (SIGTERM or ctrl-C): uvicorn stops accepting connections and lets open 
 arrive on open connections get 503. Requests still running ``--shutdown-timeout`` seconds later are failed with a
 clean error (a 503, or an error event and ``[DONE]`` in a stream), then the engine-core process is stopped, so the
 server exits with no child left behind.
+
+Engine death (the core process is gone): in-flight requests get an error at once, ``/health`` answers 503, and the
+server exits with status 1 within a few seconds, so that a supervisor restarts it.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import sys
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -24,9 +27,16 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from nanovllm.engine.async_llm import AsyncLLM, EngineDeadError
-from nanovllm.entrypoints.openai.errors import APIError, error_body, install_error_handlers
+from nanovllm.entrypoints.openai.errors import APIError, document_errors_as_400, error_body, install_error_handlers
+from nanovllm.entrypoints.openai.http_limits import (
+    DEFAULT_CLIENT_TIMEOUT_S,
+    DEFAULT_MAX_REQUEST_BYTES,
+    RequestLimits,
+    client_timeout_protocol,
+)
 from nanovllm.entrypoints.openai.metrics import CONTENT_TYPE, render_metrics
 from nanovllm.entrypoints.openai.protocol import (
+    ErrorResponse,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -51,8 +61,13 @@ class ServerSettings:
     api_key: str | None = None
     shutdown_timeout_s: float = 30.0
     shutdown_engine_on_exit: bool = True  # False when the caller owns the engine (tests, embedding)
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S
+    trust_request_chat_template: bool = False
     draining: bool = False
     draining_since: float = field(default=0.0, repr=False)
+    exit_code: int = 0
+    request_exit: Callable[[], None] | None = field(default=None, repr=False)  # set by the server that runs the app
 
     def start_draining(self) -> None:
         if not self.draining:
@@ -84,6 +99,18 @@ class _Gate:
         await self.app(scope, receive, send)
 
 
+async def _exit_when_engine_dies(engine: AsyncLLM, settings: ServerSettings) -> None:
+    """A dead engine core serves no one: once in-flight requests have had their errors, exit non-zero."""
+    while engine.is_healthy:
+        await asyncio.sleep(0.2)
+    logger.error("the engine core is gone; the server exits so that its supervisor can restart it")
+    settings.exit_code = 1
+    settings.start_draining()
+    await asyncio.sleep(0.5)  # the error events of open streams are on their way out
+    if settings.request_exit is not None:
+        settings.request_exit()
+
+
 async def _drain_watchdog(engine: AsyncLLM, settings: ServerSettings) -> None:
     """Once draining, give in-flight requests ``shutdown_timeout_s``, then fail the rest with a clean error."""
     while not settings.draining:
@@ -100,12 +127,14 @@ async def _drain_watchdog(engine: AsyncLLM, settings: ServerSettings) -> None:
 def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        watchdog = asyncio.create_task(_drain_watchdog(engine, settings))
+        watchdogs = [asyncio.create_task(_drain_watchdog(engine, settings)),
+                     asyncio.create_task(_exit_when_engine_dies(engine, settings))]
         try:
             yield
         finally:
             settings.start_draining()
-            watchdog.cancel()
+            for watchdog in watchdogs:
+                watchdog.cancel()
             if engine.num_unfinished_requests:
                 engine.abort_all(EngineDeadError("the server is shutting down"))
             if settings.shutdown_engine_on_exit:
@@ -115,11 +144,16 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
     app.state.engine = engine
     app.state.settings = settings
     install_error_handlers(app)
-    app.add_middleware(_Gate, settings=settings)
+    document_errors_as_400(app)
+    app.add_middleware(RequestLimits, max_bytes=settings.max_request_bytes, timeout_s=settings.client_timeout_s)
+    app.add_middleware(_Gate, settings=settings)  # outermost: refuse before reading a body
     completions = OpenAIServingCompletion(engine, settings.served_model_names)
-    chat = OpenAIServingChat(engine, settings.served_model_names)
+    chat = OpenAIServingChat(engine, settings.served_model_names, settings.trust_request_chat_template)
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses={
+        200: {"description": "The engine is running (an empty body)."},
+        503: {"description": "The engine is not running, or the server is shutting down.", "model": ErrorResponse},
+    })
     async def health() -> Response:
         if not engine.is_healthy:
             return JSONResponse(error_body(503, "the engine process is not running"), status_code=503)
@@ -158,9 +192,13 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
         if (request.prompt is None) == (request.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         if request.messages is not None:
-            tokens = chat.render_chat(request.messages, request.add_generation_prompt)
+            tokens = await chat.render_chat(request.messages, request.add_generation_prompt)
         else:
-            tokens = list(engine.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens))
+            try:
+                tokens = await engine.run_in_intake(engine.input_processor.encode, request.prompt,
+                                                    request.add_special_tokens)
+            except ValueError as exc:
+                raise APIError(400, str(exc), param="prompt") from None
         return json_response(TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len, tokens=tokens))
 
     @app.post("/detokenize", response_model=DetokenizeResponse)
@@ -172,7 +210,8 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
         bad = [t for t in request.tokens if not 0 <= t < vocab]
         if bad:
             raise APIError(400, f"tokens must be in [0, {vocab}), got {bad[:5]}", param="tokens")
-        return json_response(DetokenizeResponse(prompt=engine.tokenizer.decode(request.tokens)))
+        return json_response(DetokenizeResponse(prompt=await engine.run_in_intake(engine.tokenizer.decode,
+                                                                                 request.tokens)))
 
     return app
 
@@ -188,6 +227,11 @@ class _Server(uvicorn.Server):
         self.settings.start_draining()
         super().handle_exit(sig, frame)
 
+    def exit_soon(self) -> None:
+        """Stop serving (the engine died): connections get a moment to close, then the server exits regardless."""
+        self.should_exit = True
+        asyncio.get_running_loop().call_later(2.0, setattr, self, "force_exit", True)
+
 
 def _exit_on_signal(signum: int, _frame: Any) -> None:
     # SIGTERM while the engine loads, or re-raised by uvicorn after its graceful shutdown: exit through the normal
@@ -201,14 +245,22 @@ def run_server(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> None:
     engine = AsyncLLM.from_engine_args(args.model, **engine_kwargs)
     try:
         names = args.served_model_name or [args.model]
-        settings = ServerSettings(served_model_names=names, model_root=args.model, api_key=args.api_key,
-                                  shutdown_timeout_s=args.shutdown_timeout)
+        settings = ServerSettings(
+            served_model_names=names, model_root=args.model, api_key=args.api_key,
+            shutdown_timeout_s=args.shutdown_timeout, max_request_bytes=args.max_request_bytes,
+            client_timeout_s=args.client_timeout, trust_request_chat_template=args.trust_request_chat_template,
+        )
         app = build_app(engine, settings)
         config = uvicorn.Config(
             app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
             # uvicorn's own limit comes after ours, which fails the stragglers cleanly first
             timeout_graceful_shutdown=args.shutdown_timeout + 5, timeout_keep_alive=5,
+            http=client_timeout_protocol(args.client_timeout),
         )
-        _Server(config, settings).run()
+        server = _Server(config, settings)
+        settings.request_exit = server.exit_soon
+        server.run()
     finally:
         engine.shutdown()
+    if settings.exit_code:
+        sys.exit(settings.exit_code)

@@ -8,21 +8,24 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-          405: "invalid_request_error", 500: "server_error", 503: "service_unavailable"}
+          405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+          500: "server_error", 503: "service_unavailable"}
 _CODES = {400: "invalid_value", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
-          500: "internal_error", 503: "service_unavailable"}
+          408: "request_timeout", 413: "request_too_large", 500: "internal_error", 503: "service_unavailable"}
 
 # request fields an engine-side ValueError may name (its message starts with, or mentions, the field)
 KNOWN_FIELDS = frozenset({
     "prompt", "messages", "max_tokens", "max_completion_tokens", "n", "temperature", "top_p", "top_k", "min_p",
     "seed", "stop", "stop_token_ids", "presence_penalty", "frequency_penalty", "repetition_penalty", "ignore_eos",
     "min_tokens", "logprobs", "top_logprobs", "prompt_logprobs", "skip_special_tokens", "tokens", "model",
+    "logit_bias", "allowed_token_ids", "bad_words",
 })
 
 
@@ -68,11 +71,36 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # (a union's branch names, such as "constrained-str" or "list[int]", are no part of the field's path)
+    loc = [str(part) for part in first.get("loc", ()) if part != "body" and (isinstance(part, int)
+                                                                          or str(part).isidentifier())]
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {first.get('msg', '')}", None
     where = ".".join(loc) if loc else "body"
+    if first.get("type") == "extra_forbidden":
+        return f"{where}: unknown field (this server implements no such option)", loc[0] if loc else None
     return f"{where}: {first.get('msg', 'invalid value')}", loc[0] if loc else None
+
+
+def document_errors_as_400(app: FastAPI) -> None:
+    """The OpenAPI document says what the server does: a bad request is a 400 with an OpenAI error body (FastAPI
+    would document its own 422)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            error = {"description": "Bad request", "content": {"application/json": {"schema": {
+                "$ref": "#/components/schemas/ErrorResponse"}}}}
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    if operation.get("responses", {}).pop("422", None) is not None:
+                        operation["responses"]["400"] = error
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def install_error_handlers(app: FastAPI) -> None:

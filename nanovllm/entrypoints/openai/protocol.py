@@ -1,37 +1,59 @@
 """Request and response bodies of the OpenAI-compatible API (pydantic).
 
-Requests ignore fields they do not know (clients send many: ``logit_bias``, ``suffix``, tool settings ...), refuse
-NaN and infinities, and refuse strings that are not valid Unicode text (lone surrogates, which JSON can spell but
-no tokenizer or UTF-8 encoder accepts). Value ranges are checked by ``SamplingParams`` and the input processor, so
-that the HTTP API and the Python API give the same messages.
+Nothing a request sends is ignored: an unknown field is a 400 naming it, and fields OpenAI or vLLM define that this
+server does not implement (``UNSUPPORTED``) are a 400 with a message saying so. Requests refuse NaN and
+infinities, and strings that are not valid Unicode text (lone surrogates, which JSON can spell but no tokenizer or
+UTF-8 encoder accepts). Value ranges are checked by ``SamplingParams`` and the input processor, so that the HTTP
+API and the Python API give the same messages.
 """
 from __future__ import annotations
 
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from typing_extensions import Annotated
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+NonEmptyText = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+
+
+# Fields OpenAI or vLLM define that this server does not implement: set to anything but their no-op value, a 400.
+UNSUPPORTED = {
+    "best_of": "best_of is not supported (samples are not ranked); leave it out or equal to n",
+    "suffix": "suffix is not supported (no fill-in-the-middle)",
+    "response_format": "response_format other than {\"type\": \"text\"} is not supported yet",
+    "tools": "tools are not supported yet",
+    "tool_choice": "tool_choice is not supported yet",
+    "parallel_tool_calls": "parallel_tool_calls is not supported yet (no tools)",
+    "functions": "functions (the older form of tools) are not supported",
+    "function_call": "function_call (the older form of tool_choice) is not supported",
+    "structured_outputs": "structured_outputs are not supported yet",
+    "guided_json": "guided_json is not supported yet", "guided_regex": "guided_regex is not supported yet",
+    "guided_choice": "guided_choice is not supported yet", "guided_grammar": "guided_grammar is not supported yet",
+}
 
 
 def _check_text(value: Any) -> None:
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("strings must be valid Unicode text (no lone surrogates)") from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_text(key)
-            _check_text(item)
-    elif isinstance(value, list):
-        for item in value:
-            _check_text(item)
+    """Every string (and key) of a JSON document encodes as UTF-8; iterative, so that deep nesting costs no stack."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("strings must be valid Unicode text (no lone surrogates)") from None
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
 
 
 class RequestModel(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -89,17 +111,38 @@ class SamplingFields(RequestModel):
     ignore_eos: bool = False
     min_tokens: int = 0
     skip_special_tokens: bool = True
-    user: str | None = None
+    user: str | None = None  # OpenAI's end-user id, for abuse monitoring: logged with the request's id
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias in [-100, 100]
+    allowed_token_ids: list[StrictInt] | None = None
+    bad_words: list[str] | None = None
+    # in UNSUPPORTED (a 400 naming them when set)
+    response_format: Any = None
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
 
 
 # ---- /v1/completions ----------------------------------------------------------------------------------------------
 
 class CompletionRequest(SamplingFields):
     # one prompt as text or token ids, or a batch of either
-    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
+    prompt: NonEmptyText | TokenIds | Annotated[list[NonEmptyText], Field(min_length=1)] | \
+        Annotated[list[TokenIds], Field(min_length=1)]
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
+    best_of: int | None = None  # in UNSUPPORTED
+    suffix: str | None = None  # in UNSUPPORTED
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _not_empty(cls, prompt: Any) -> Any:  # before the union's own errors, which are hard to read
+        if isinstance(prompt, (str, list)) and (not prompt or any(isinstance(p, (str, list)) and not p
+                                                                  for p in prompt)):
+            raise ValueError("prompt must not be empty (nor hold an empty prompt)")
+        return prompt
 
 
 class CompletionLogProbs(ResponseModel):
@@ -146,7 +189,16 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    # extra arguments of the chat template (e.g. enable_thinking); a template itself only with
+    # --trust-request-chat-template, as it is code the server runs
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None
+    # in UNSUPPORTED
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
 
 
 class ChatLogProb(ResponseModel):

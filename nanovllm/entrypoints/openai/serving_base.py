@@ -8,10 +8,10 @@ from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from fastapi import Request
 
-from nanovllm.engine.async_llm import AsyncLLM, EngineDeadError
+from nanovllm.engine.async_llm import AsyncLLM, EngineDeadError, RequestFailedError
 from nanovllm.engine.input_processor import Prompt
 from nanovllm.entrypoints.openai.errors import APIError, bad_request, error_body
-from nanovllm.entrypoints.openai.protocol import SamplingFields
+from nanovllm.entrypoints.openai.protocol import UNSUPPORTED, RequestModel, SamplingFields
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
 
@@ -42,6 +42,16 @@ class OpenAIServing:
             raise APIError(404, f"The model `{name}` does not exist; this server serves {self.served_model_names}",
                            param="model", code="model_not_found")
 
+    @staticmethod
+    def reject_unsupported(req: RequestModel) -> None:
+        """A field this server does not implement, set to anything but its no-op value, is a 400 naming it."""
+        for name, message in UNSUPPORTED.items():
+            value = getattr(req, name, None)
+            harmless = (value is None or (name == "best_of" and value == getattr(req, "n", 1))
+                        or (name == "suffix" and value == "") or (name == "response_format" and value == {"type": "text"}))
+            if not harmless:
+                raise APIError(400, message, param=name)
+
     def check_healthy(self) -> None:
         if not self.engine.is_healthy:
             raise APIError(503, "the engine is not running")
@@ -53,6 +63,12 @@ class OpenAIServing:
         """Build and validate ``SamplingParams``; a bad value is a 400 naming the request's field."""
         if not 1 <= req.n <= MAX_N:
             raise APIError(400, f"n must be an integer in [1, {MAX_N}], got {req.n}", param="n")
+        logit_bias = None
+        if req.logit_bias is not None:
+            try:
+                logit_bias = {int(token): bias for token, bias in req.logit_bias.items()}
+            except ValueError:
+                raise APIError(400, "logit_bias keys must be token ids", param="logit_bias") from None
         top_k = req.top_k
         if top_k is not None and top_k >= self.engine.vocab_size:
             top_k = -1  # keeping the whole vocabulary is no filter (and keeps huge values off the device)
@@ -68,6 +84,9 @@ class OpenAIServing:
                 min_tokens=req.min_tokens,
                 stop=req.stop,
                 stop_token_ids=req.stop_token_ids,
+                logit_bias=logit_bias,
+                allowed_token_ids=req.allowed_token_ids,
+                bad_words=req.bad_words,
                 ignore_eos=req.ignore_eos,
                 skip_special_tokens=req.skip_special_tokens,
                 presence_penalty=req.presence_penalty,
@@ -79,17 +98,19 @@ class OpenAIServing:
         except ValueError as exc:
             raise bad_request(exc, renames) from None
 
-    def add_requests(
+    async def add_requests(
         self, request_id: str, prompts: list[Prompt], params: SamplingParams, stream: bool,
-        renames: dict[str, str] | None = None,
+        renames: dict[str, str] | None = None, user: str | None = None,
     ) -> list[AsyncIterator[RequestOutput]]:
         """Queue every prompt, or none: a bad prompt aborts those already queued and answers 400."""
         self.check_healthy()
+        if user:
+            logger.info("request %s is from user %r", request_id, user)
         outputs: list[AsyncIterator[RequestOutput]] = []
         ids = [request_id if len(prompts) == 1 else f"{request_id}-{i}" for i in range(len(prompts))]
         try:
             for engine_id, prompt in zip(ids, prompts):
-                outputs.append(self.engine.add_request(engine_id, prompt, params, stream=stream))
+                outputs.append(await self.engine.add_request(engine_id, prompt, params, stream=stream))
         except BaseException as exc:
             for engine_id in ids[: len(outputs)]:
                 self.engine.abort_request(engine_id)  # never iterated: their streams cannot abort themselves
@@ -125,6 +146,8 @@ def sse_error(exc: BaseException) -> str:
         return sse(error_body(400, str(exc)))
     if isinstance(exc, EngineDeadError):
         return sse(error_body(503, str(exc)))
+    if isinstance(exc, RequestFailedError):
+        return sse(error_body(500, str(exc)))
     logger.exception("error while streaming a response", exc_info=exc)
     return sse(error_body(500, f"internal error: {type(exc).__name__}: {exc}"))
 
@@ -137,6 +160,8 @@ def as_api_error(exc: BaseException) -> APIError:
         return bad_request(exc)
     if isinstance(exc, EngineDeadError):
         return APIError(503, str(exc))
+    if isinstance(exc, RequestFailedError):
+        return APIError(500, str(exc))
     raise exc
 
 

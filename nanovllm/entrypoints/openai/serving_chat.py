@@ -40,12 +40,36 @@ from nanovllm.entrypoints.openai.serving_completion import MIN_LOGPROB, json_res
 from nanovllm.outputs import RequestOutput
 
 
+# arguments the server passes to the chat template itself
+_RESERVED_TEMPLATE_ARGS = frozenset({"conversation", "messages", "tokenize", "add_generation_prompt", "chat_template"})
+
+
 class OpenAIServingChat(OpenAIServing):
-    def render_chat(
+    def __init__(self, engine: Any, served_model_names: list[str], trust_request_chat_template: bool = False) -> None:
+        super().__init__(engine, served_model_names)
+        self.trust_request_chat_template = trust_request_chat_template
+
+    def template_kwargs(self, req: ChatCompletionRequest) -> dict[str, Any]:
+        """The request's template arguments; a template of its own only on a server that trusts requests with one."""
+        kwargs = dict(req.chat_template_kwargs or {})
+        template = kwargs.pop("chat_template", None) or req.chat_template
+        param = "chat_template" if req.chat_template else "chat_template_kwargs"
+        reserved = sorted(_RESERVED_TEMPLATE_ARGS & kwargs.keys())
+        if reserved:
+            raise APIError(400, f"chat_template_kwargs may not set {reserved}", param="chat_template_kwargs")
+        if template is not None:
+            if not self.trust_request_chat_template:
+                raise APIError(400, "a chat template in the request is code the server would run; this server does "
+                                    "not accept one (start it with --trust-request-chat-template)", param=param)
+            kwargs["chat_template"] = template
+        return kwargs
+
+    async def render_chat(
         self, messages: list[ChatMessage], add_generation_prompt: bool = True,
         template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
-        """Messages -> prompt token ids through the engine's one intake; a failure is a 400 naming ``messages``."""
+        """Messages -> prompt token ids through the engine's one intake, off the event loop (a template is code and
+        may be slow); a failure is a 400 naming ``messages``."""
         conversation = []
         for message in messages:
             content = message.content
@@ -53,26 +77,32 @@ class OpenAIServingChat(OpenAIServing):
                 if any(part.type != "text" or part.text is None for part in content):
                     raise APIError(400, "only text content parts are supported", param="messages")
                 content = "\n".join(part.text for part in content)  # type: ignore[misc]
-            conversation.append({"role": message.role, "content": content or ""})
+            entry = {"role": message.role, "content": content or ""}
+            if message.name is not None:
+                entry["name"] = message.name
+            conversation.append(entry)
         try:
-            return self.engine.input_processor.render_chat(conversation, add_generation_prompt, template_kwargs)
+            return await self.engine.run_in_intake(self.engine.input_processor.render_chat, conversation,
+                                                   add_generation_prompt, template_kwargs)
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
 
     async def create_chat_completion(self, req: ChatCompletionRequest, raw_request: Request) -> Response:
         self.check_model(req.model)
+        self.reject_unsupported(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
-        prompt_ids = self.render_chat(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+        prompt_ids = await self.render_chat(req.messages, req.add_generation_prompt, self.template_kwargs(req))
         use_completion_tokens = req.max_completion_tokens is not None
         max_tokens = req.max_completion_tokens if use_completion_tokens else req.max_tokens
-        renames = {"logprobs": "top_logprobs"}
+        renames = {"logprobs": "top_logprobs", "prompt": "messages"}
         if use_completion_tokens:
             renames["max_tokens"] = "max_completion_tokens"
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self.sampling_params(req, max_tokens, logprobs, None, renames)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        (outputs,) = self.add_requests(request_id, [prompt_ids], params, stream=req.stream, renames=renames)
+        (outputs,) = await self.add_requests(request_id, [prompt_ids], params, stream=req.stream,
+                                              renames=renames, user=req.user)
         top_n = req.top_logprobs or 0
         if req.stream:
             return StreamingResponse(self._stream(req, request_id, outputs, params.n, top_n),

@@ -47,11 +47,12 @@ def json_response(model: object) -> Response:
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, req: CompletionRequest, raw_request: Request) -> Response:
         self.check_model(req.model)
+        self.reject_unsupported(req)
         prompts = self._prompts(req.prompt)
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
         params = self.sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        outputs = self.add_requests(request_id, prompts, params, stream=req.stream)
+        outputs = await self.add_requests(request_id, prompts, params, stream=req.stream, user=req.user)
         if req.stream:
             return StreamingResponse(self._stream(req, request_id, outputs, params), media_type="text/event-stream")
         finals: list[RequestOutput | None] = [None] * len(outputs)
