@@ -9,8 +9,15 @@ the same tp_rank. Three kinds of group:
   ``parallel_state``;
 - a gloo "control" group over all ranks, for step metadata (small pickled objects) and start-up agreement. It never
   touches a GPU stream. Timeouts are per rank: a worker waits on it whenever the engine is idle, which may be hours,
-  so its timeout is long; the driver's is the collective timeout, so a hung worker ends in an error. A peer that
-  dies breaks the group at once either way (its sockets close).
+  so its timeout is long; the driver's is the step timeout, so a hung worker ends in an error. A peer that dies
+  breaks the group at once either way (its sockets close).
+
+Two timeouts bound the collectives. Start-up (the rendezvous, creating the groups, every rank loading its weights
+and sizing its KV pool) runs under the generous start-up timeout: ranks wait there for the slowest one to load, and
+on a busy machine starting a process and importing torch alone takes seconds. When every rank is ready
+(``finish_startup``), each tightens its groups to the step timeout, past which a collective means a hung rank.
+``NANOVLLM_DIST_STARTUP_TIMEOUT_S`` and ``NANOVLLM_DIST_TIMEOUT_S`` set them; ``set_step_timeout`` changes the
+step timeout of a running engine's groups.
 
 The rendezvous is a ``TCPStore`` hosted by rank 0: on a port the OS picks (spawned workers on one host, so two
 engines never collide) or at ``MASTER_ADDR:MASTER_PORT`` (torchrun-style launch across hosts). Rank 0 also leaves
@@ -22,7 +29,7 @@ import logging
 import os
 import pickle
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -33,9 +40,11 @@ from nanovllm.distributed.parallel_state import set_tp_group
 
 logger = logging.getLogger(__name__)
 
-# Collectives on tensors: long enough for the slowest rank to load its weights before the first one (start-up is
-# where ranks drift apart most), short enough that a hung rank ends in an error. A dead rank errors at once.
-COLLECTIVE_TIMEOUT_S = float(os.environ.get("NANOVLLM_DIST_TIMEOUT_S", "600"))
+# A step's collectives: short enough that a hung rank ends in an error. A dead rank errors at once.
+STEP_TIMEOUT_S = float(os.environ.get("NANOVLLM_DIST_TIMEOUT_S", "600"))
+# Start-up: long enough for the slowest rank to load its weights before the others go on (start-up is where ranks
+# drift apart most); by default never shorter than a step's.
+STARTUP_TIMEOUT_S = float(os.environ.get("NANOVLLM_DIST_STARTUP_TIMEOUT_S", max(600.0, STEP_TIMEOUT_S)))
 _NCCL_ABORT_TIMEOUT_S = 10.0
 _IDLE_TIMEOUT = timedelta(days=30)
 _CONFIG_KEY = "nanovllm/engine_config"
@@ -74,6 +83,10 @@ class ParallelGroups:
     pp_size: int
     control: Any  # dist.ProcessGroup (gloo)
     backend: str
+    # this rank's groups whose collectives a step waits on (the world, its TP group, and on rank 0 the control
+    # group); tightened to the step timeout after start-up
+    step_groups: list[Any] = field(default_factory=list)
+    step_timeout_s: float = STARTUP_TIMEOUT_S  # what bounds them now
 
     @property
     def tp_rank(self) -> int:
@@ -106,12 +119,12 @@ def get_parallel_groups() -> ParallelGroups | None:
 def host_store(world_size: int, addr: str = "127.0.0.1", port: int = 0) -> dist.TCPStore:
     """Rank 0's side of the rendezvous; ``port=0`` lets the OS pick a free port (read it from ``store.port``)."""
     return dist.TCPStore(addr, port, world_size, is_master=True, wait_for_workers=False,
-                         timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+                         timeout=timedelta(seconds=STARTUP_TIMEOUT_S))
 
 
 def join_store(addr: str, port: int, world_size: int) -> dist.TCPStore:
     """A worker's side: retries until rank 0 listens (on another host it may start later) or the timeout."""
-    return dist.TCPStore(addr, port, world_size, is_master=False, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    return dist.TCPStore(addr, port, world_size, is_master=False, timeout=timedelta(seconds=STARTUP_TIMEOUT_S))
 
 
 def publish_config(store: dist.TCPStore, payload: Any) -> None:
@@ -129,23 +142,86 @@ def init_parallel(store: dist.TCPStore, rank: int, tp_size: int, pp_size: int, u
         raise RuntimeError("this process already belongs to a parallel engine; shut that engine down first")
     world_size = tp_size * pp_size
     backend = "nccl" if use_cuda else "gloo"
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    startup = timedelta(seconds=STARTUP_TIMEOUT_S)
+    try:
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=startup)
+    except BaseException:
+        _forget_failed_world()
+        raise
     # a timeout is each rank's own: workers may wait for the next step for ever, the driver may not wait on them
-    control = dist.new_group(backend="gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S) if rank == 0
-                             else _IDLE_TIMEOUT)
+    control = dist.new_group(backend="gloo", timeout=startup if rank == 0 else _IDLE_TIMEOUT)
     groups = ParallelGroups(rank, world_size, tp_size, pp_size, control, backend)
+    groups.step_groups.append(dist.group.WORLD)
+    if rank == 0:
+        groups.step_groups.append(control)
     tp_group = dist.group.WORLD
     if pp_size > 1 and tp_size > 1:  # every rank must create every group, in the same order
         for stage in range(pp_size):
-            group = dist.new_group(list(range(stage * tp_size, (stage + 1) * tp_size)))
+            group = dist.new_group(list(range(stage * tp_size, (stage + 1) * tp_size)), timeout=startup)
             if stage == groups.pp_rank:
                 tp_group = group
+                groups.step_groups.append(group)
     set_tp_group(tp_group if tp_size > 1 else None, groups.tp_rank, tp_size)
     _GROUPS = groups
     logger.debug("rank %d of %d joined (stage %d, tp rank %d, %s)", rank, world_size, groups.pp_rank,
                  groups.tp_rank, backend)
     return groups
+
+
+def _forget_failed_world() -> None:
+    """After a failed ``init_process_group``, let the next engine in this process name its groups as a fresh
+    process does.
+
+    torch names the groups by a per-process counter, which the rendezvous keys carry; a failed initialization has
+    counted its world group, and only destroying an initialized world resets the counter. The next engine's driver
+    would then wait for keys its fresh workers never write, for the whole start-up timeout. The counter is private;
+    it is reset only when no group exists, and where it is not found the next engine may fail to start as before."""
+    if dist.is_initialized():
+        return
+    try:
+        from torch.distributed.distributed_c10d import _world
+
+        _world.group_count = 0
+    except Exception:
+        logger.debug("could not reset torch's process group counter", exc_info=True)
+
+
+def finish_startup() -> None:
+    """Every rank calls this once its runner is built: it waits until all are (under the start-up timeout, as the
+    slowest rank may still be loading its weights), then bounds this rank's step collectives by the step timeout.
+
+    Without this meeting a rank that builds its runner quickly would start its first step while another still
+    loads, and the step's collectives would have to wait out that loading."""
+    groups = _GROUPS
+    if groups is None:
+        return
+    dist.barrier(group=groups.control)
+    try:
+        set_step_timeout(STEP_TIMEOUT_S)
+    except RuntimeError as exc:  # the engine still runs, only a hung rank is found later
+        logger.warning("%s; a hung rank is noticed after %.0f s", exc, groups.step_timeout_s)
+
+
+def set_step_timeout(seconds: float) -> None:
+    """Bound this rank's step collectives by ``seconds`` from now on (each rank sets its own; a running engine's
+    executor sets every rank's). Raises ``RuntimeError`` if this torch cannot change a group's timeout."""
+    groups = _GROUPS
+    if groups is None:
+        raise RuntimeError("this process is in no parallel engine")
+    if not seconds > 0:
+        raise ValueError(f"the step timeout must be positive, got {seconds}")
+    try:
+        # Private, but the one way to change a live group's timeout (it sets the backend's default for the
+        # operations that follow). The alternative, groups created with the step timeout, would bound start-up by
+        # it too; so it is guarded: without it the groups keep the start-up timeout.
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        for group in groups.step_groups:
+            _set_pg_timeout(timedelta(seconds=seconds), group)
+    except Exception as exc:
+        raise RuntimeError(f"could not set the step timeout of the process groups ({type(exc).__name__}: {exc})") \
+            from exc
+    groups.step_timeout_s = seconds
 
 
 def destroy_parallel(release_graphs: Callable[[], None] | None = None) -> None:

@@ -3,7 +3,10 @@
 Start-up: check that the model splits over ``tp * pp`` ranks; host the rendezvous store (on a port the OS picks,
 so engines never collide) and leave the engine config in it; spawn one worker per other rank (or, with
 torchrun-style variables, find them started already, on any host); join the groups; build rank 0's runner. Each
-rank sizes its KV pool and all take the smallest.
+rank sizes its KV pool and all take the smallest. All of it runs under the generous start-up timeout, and a worker
+that dies on the way fails it at once: the driver waits for spawned workers by polling the store and their
+processes, and enters a blocking rendezvous only when all are there. Once every rank is ready the step timeout
+bounds the collectives.
 
 A step: the driver builds the step's host arrays (flat numpy arrays and a few numbers, no Request objects) and
 broadcasts them over the gloo control group as one pickled object: two small broadcasts, far below a GPU step, and
@@ -13,7 +16,7 @@ so the tokens that the next step reads on the device are everywhere they are nee
 
 Failure: a worker that dies closes its sockets, so the driver's next collective fails at once, and a watchdog
 thread notices the exit even while the engine is idle; the error names the rank and its exit code or exception.
-A hung worker ends in the collective timeout. Shutdown (``shutdown()``, garbage collection or interpreter exit)
+A hung worker ends in the step timeout. Shutdown (``shutdown()``, garbage collection or interpreter exit)
 asks the workers to stop, then terminates any that do not.
 """
 from __future__ import annotations
@@ -31,22 +34,25 @@ import torch
 
 from nanovllm.config import EngineConfig
 from nanovllm.distributed.groups import (
-    COLLECTIVE_TIMEOUT_S,
+    STARTUP_TIMEOUT_S,
     abort_nccl_groups,
     broadcast_from_driver,
     destroy_parallel,
+    finish_startup,
     get_parallel_groups,
     host_store,
     init_parallel,
     join_store,
     publish_config,
+    set_step_timeout,
     torchrun_env,
 )
 from nanovllm.executor.base import LaunchedStep, ModelOutput
 from nanovllm.executor.input_batch import HostBatch
 from nanovllm.executor.parallel_checks import check_devices, check_parallel_sizes
 from nanovllm.executor.worker import (
-    JOINED_KEY,
+    JOINING_KEY,
+    StepTimeout,
     cpu_threads_per_rank,
     make_runner,
     run_worker,
@@ -106,15 +112,15 @@ class _Workers:
 
     def _describe(self, rank: int) -> str:
         process = self.processes[rank]
-        process.join(timeout=1.0)
         message = None
         try:
-            if self.errors[rank].poll(0.5):
+            if self.errors[rank].poll(0.5):  # a worker that raised sends why before it exits
                 message = self.errors[rank].recv()
         except (EOFError, OSError):
             pass
         if message is not None:
             return f"rank {rank} failed: {message}"
+        process.join(timeout=1.0)
         return f"rank {rank} died (exit code {process.exitcode})"
 
     def check(self, timeout: float = 0.0) -> str | None:
@@ -124,24 +130,31 @@ class _Workers:
         deadline = time.monotonic() + timeout
         while True:
             for rank, process in self.processes.items():
-                if not process.is_alive():
+                if not process.is_alive() or self._has_news(rank):
                     self.failure = self.describe_failure(rank)
                     return self.failure
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.05)
 
-    def wait_joined(self, store: Any) -> None:
-        """Wait until every spawned worker reached the store, failing fast if one dies on the way (otherwise the
-        group's rendezvous would wait out its whole timeout)."""
-        deadline = time.monotonic() + COLLECTIVE_TIMEOUT_S
-        keys = [JOINED_KEY.format(rank=rank) for rank in self.processes]
+    def _has_news(self, rank: int) -> bool:
+        """The worker sent why it fails, or closed its end: it is on its way out (its exit may take a while)."""
+        try:
+            return self.errors[rank].poll()
+        except OSError:  # closed by ``stop``
+            return False
+
+    def wait_joining(self, store: Any) -> None:
+        """Wait until every spawned worker is about to join the groups, failing fast if one dies on the way (the
+        groups' rendezvous does not look at the processes: it would wait out its whole timeout)."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        keys = [JOINING_KEY.format(rank=rank) for rank in self.processes]
         while not store.check(keys):
             failure = self.check()
             if failure is not None:
                 raise RuntimeError(f"a parallel worker failed to start: {failure}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"parallel workers did not start within {COLLECTIVE_TIMEOUT_S:.0f} s")
+                raise RuntimeError(f"parallel workers did not start within {STARTUP_TIMEOUT_S:.0f} s")
             time.sleep(0.02)
 
     def stop(self) -> None:
@@ -194,7 +207,7 @@ class ParallelExecutor:
                 store = host_store(world_size)
                 publish_config(store, (config, model_path))
                 self._workers.spawn(world_size, store.port)
-                self._workers.wait_joined(store)
+                self._workers.wait_joining(store)
                 local_rank = 0
             else:
                 store = self._join_launched(env, world_size)
@@ -209,8 +222,10 @@ class ParallelExecutor:
             init_parallel(store, 0, tp_size, pp_size, use_cuda)
             self.runner = make_runner(config, model_path)
             self._workers.runner = self.runner
+            finish_startup()
         except BaseException as exc:
-            failure = self._workers.check(timeout=2.0)
+            # the driver's error is most often a worker's failure seen from here (a closed connection): name it
+            failure = self._workers.check(timeout=5.0)
             self.shutdown()
             if failure is not None and not isinstance(exc, ValueError):
                 raise RuntimeError(f"a parallel worker failed to start: {failure}") from exc
@@ -257,6 +272,18 @@ class ParallelExecutor:
     def model_info(self) -> dict[str, Any]:
         return self.runner.model_info()  # rank 0's shard (and, with pipeline stages, its stage)
 
+    def set_step_timeout(self, seconds: float) -> None:
+        """Bound every rank's step collectives by ``seconds`` from now on (call it between steps). The default is
+        ``NANOVLLM_DIST_TIMEOUT_S`` (600 s); tests shorten it once the engine is up, as start-up has its own."""
+        if not seconds > 0:
+            raise ValueError(f"the step timeout must be positive, got {seconds}")
+        self._raise_if_failed()
+        set_step_timeout(seconds)  # this rank first: where torch cannot change it, no worker is told to
+        try:
+            broadcast_from_driver(StepTimeout(seconds))
+        except Exception as exc:
+            raise self._failed(exc) from exc
+
     @property
     def worker_pids(self) -> list[int]:
         return [p.pid for p in self._workers.processes.values()]
@@ -280,7 +307,9 @@ class ParallelExecutor:
         failure = self._workers.check(timeout=3.0)
         if failure is None:
             timed_out = "timed out" in str(exc).lower()
-            failure = (f"no answer from the other ranks within {COLLECTIVE_TIMEOUT_S:.0f} s (is one hung?)"
+            groups = get_parallel_groups()
+            timeout = f" within {groups.step_timeout_s:g} s" if groups is not None else ""
+            failure = (f"no answer from the other ranks{timeout} (is one hung?)"
                        if timed_out else f"{type(exc).__name__}: {exc}")
             self._workers.failure = failure
         self.shutdown()

@@ -7,7 +7,8 @@ Started two ways:
   The engine config comes from rank 0, so a worker needs no arguments.
 
 A worker does no scheduling and sees no Request objects: each step it receives the step's host arrays, runs its
-stage's forward (sampling too, where it holds the LM head) and waits for the next. ``None`` ends the loop.
+stage's forward (sampling too, where it holds the LM head) and waits for the next. ``None`` ends the loop; a
+``StepTimeout`` between steps changes the step timeout.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import queue
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -27,14 +29,25 @@ from nanovllm.config import EngineConfig
 from nanovllm.distributed.groups import (
     broadcast_from_driver,
     destroy_parallel,
+    finish_startup,
     init_parallel,
     join_store,
     read_config,
+    set_step_timeout,
 )
 
 logger = logging.getLogger(__name__)
 
-JOINED_KEY = "nanovllm/joined/{rank}"  # set by a worker once it reached the store (the driver watches for it)
+# Set by a spawned worker once it is about to join the groups (the driver watches for it): the driver enters the
+# groups' rendezvous, which waits without looking at the workers, only when every worker is at that point.
+JOINING_KEY = "nanovllm/joining/{rank}"
+
+
+@dataclass(frozen=True)
+class StepTimeout:
+    """The driver's message between steps: every rank bounds its step collectives by ``seconds`` from now on."""
+
+    seconds: float
 
 
 def uses_cuda(config: EngineConfig) -> bool:
@@ -65,7 +78,6 @@ def run_worker(rank: int, local_rank: int, master_addr: str, master_port: int, w
     runner = None
     try:
         store = join_store(master_addr, master_port, world_size)
-        store.set(JOINED_KEY.format(rank=rank), "1")
         config, model_path = read_config(store)
         use_cuda = uses_cuda(config)
         if use_cuda:
@@ -76,8 +88,10 @@ def run_worker(rank: int, local_rank: int, master_addr: str, master_port: int, w
             from nanovllm.loader import resolve_model_path
 
             model_path = resolve_model_path(config.model, config.revision, weights=config.load_format != "dummy")
+        store.set(JOINING_KEY.format(rank=rank), "1")
         init_parallel(store, rank, config.tensor_parallel_size, config.pipeline_parallel_size, use_cuda)
         runner = make_runner(config, model_path)
+        finish_startup()
         logger.info("rank %d is ready", rank)
         steps = _receive_steps_in_background()
         while True:
@@ -86,6 +100,9 @@ def run_worker(rank: int, local_rank: int, master_addr: str, master_port: int, w
                 raise host
             if host is None:  # the driver shuts down
                 break
+            if isinstance(host, StepTimeout):
+                set_step_timeout(host.seconds)
+                continue
             runner.launch(host, copy_results=False)
     except Exception as exc:  # the driver sees the lost connection; this says why
         logger.error("rank %d failed: %r", rank, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
