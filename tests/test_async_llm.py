@@ -1,4 +1,7 @@
-"""AsyncLLM: streaming, abort, cancellation, the engine core in a child process, its death and its shutdown."""
+"""AsyncLLM: streaming, abort, cancellation, the engine core in a child process, its death and its shutdown.
+
+Every wait is bounded by ``startup_limit_s`` (generous, and longer on a loaded machine), never by a fixed few
+seconds."""
 from __future__ import annotations
 
 import asyncio
@@ -12,7 +15,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from server_helpers import startup_limit_s
+
 from nanovllm import LLM, SamplingParams
+from nanovllm.config import EngineConfig
 from nanovllm.engine.async_llm import AsyncLLM, EngineDeadError, EngineStartupError
 from nanovllm.outputs import RequestOutput
 
@@ -20,13 +26,18 @@ ENGINE_ARGS = dict(device="cpu", dtype="float32", num_kv_blocks=64, max_model_le
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 
-def run(coro, timeout_s: float = 60.0):  # noqa: ANN001, ANN201 - every test's async part, bounded
-    return asyncio.run(asyncio.wait_for(coro, timeout_s))
+def run(coro):  # noqa: ANN001, ANN201 - every test's async part, bounded
+    return asyncio.run(asyncio.wait_for(coro, startup_limit_s()))
+
+
+def start_engine(model: str) -> AsyncLLM:
+    """An ``AsyncLLM`` whose engine core must be ready within a generous limit (by default it waits for ever)."""
+    return AsyncLLM(EngineConfig.from_kwargs(model, **ENGINE_ARGS), startup_timeout_s=startup_limit_s())
 
 
 @pytest.fixture(scope="module")
 def engine(qwen3_dir: str) -> Iterator[AsyncLLM]:
-    llm = AsyncLLM.from_engine_args(qwen3_dir, **ENGINE_ARGS)
+    llm = start_engine(qwen3_dir)
     try:
         yield llm
     finally:
@@ -38,9 +49,10 @@ async def collect(engine: AsyncLLM, prompt, params: SamplingParams, request_id: 
     return [out async for out in engine.generate(prompt, params, request_id, stream=stream)]
 
 
-async def wait_idle(engine: AsyncLLM, timeout_s: float = 10.0):  # noqa: ANN201
-    """The core's stats once nothing runs and no page is held (aborts are asynchronous)."""
-    deadline = time.monotonic() + timeout_s
+async def wait_idle(engine: AsyncLLM):  # noqa: ANN201
+    """The core's stats once nothing runs and no page is held (aborts are asynchronous), or after a generous
+    limit as they are."""
+    deadline = time.monotonic() + startup_limit_s()
     while True:
         stats = await engine.get_core_stats()
         if (stats.num_running, stats.num_waiting, stats.num_used_pages) == (0, 0, 0) or time.monotonic() > deadline:
@@ -81,7 +93,7 @@ def test_bad_requests_raise_before_anything_is_queued(engine: AsyncLLM) -> None:
     async def main() -> None:
         for prompt, params in (("", GREEDY), ([10**6], GREEDY), ("hi", SamplingParams(max_tokens=1000))):
             with pytest.raises(ValueError):
-                engine.add_request(None, prompt, params)
+                await engine.add_request(None, prompt, params)
         with pytest.raises(ValueError, match="logprobs"):
             SamplingParams(logprobs=21)
 
@@ -151,7 +163,7 @@ def test_stats_and_latency_histograms(engine: AsyncLLM) -> None:
 
 
 def test_engine_death_fails_requests_and_health(qwen3_dir: str) -> None:
-    engine = AsyncLLM.from_engine_args(qwen3_dir, **ENGINE_ARGS)
+    engine = start_engine(qwen3_dir)
     try:
         assert engine.is_healthy
         child = psutil.Process(engine.core.pid)
@@ -183,15 +195,15 @@ def test_startup_error_carries_the_child_message(qwen3_dir: str, tmp_path: Path)
         weights.unlink()  # config and tokenizer load in the front end; the weights fail in the child
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     with pytest.raises(EngineStartupError, match="no .safetensors weights"):
-        AsyncLLM.from_engine_args(str(broken), **ENGINE_ARGS)
+        start_engine(str(broken))
     _, alive = psutil.wait_procs(
         [p for p in psutil.Process().children(recursive=True) if p.pid not in before and "spawn_main" in
-         " ".join(p.cmdline())], timeout=10)
+         " ".join(p.cmdline())], timeout=startup_limit_s())
     assert not alive
 
 
 def test_shutdown_leaves_no_child(qwen3_dir: str) -> None:
-    engine = AsyncLLM.from_engine_args(qwen3_dir, **ENGINE_ARGS)
+    engine = start_engine(qwen3_dir)
     child = psutil.Process(engine.core.pid)
     assert run(collect(engine, "bye", GREEDY))[-1].finished
     engine.shutdown()

@@ -1,4 +1,7 @@
-"""Server scenarios on loopback: a cancellation flood, SIGTERM under load, a dying engine, and schema fuzzing."""
+"""Server scenarios on loopback: a cancellation flood, SIGTERM under load, a dying engine, and schema fuzzing.
+
+No scenario depends on how fast this machine is: each waits for what it needs (a stream's first event, the server
+taking a signal), and every wait is bounded by ``startup_limit_s``, which grows on a loaded machine."""
 from __future__ import annotations
 
 import asyncio
@@ -14,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from server_helpers import ServerProcess
+from server_helpers import ServerProcess, startup_limit_s
 
-SMALL_SERVER = ("--max-model-len", "512", "--num-kv-blocks", "256", "--shutdown-timeout", "4")
+SMALL_SERVER = ("--max-model-len", "512", "--num-kv-blocks", "256")
 
 
 @pytest.fixture(scope="module")
@@ -32,22 +35,31 @@ def short_server(qwen3_dir: str) -> Iterator[ServerProcess]:
 
 # ---- raw clients --------------------------------------------------------------------------------------------------
 
-async def _stream_then_hang_up(port: int, body: dict, after_s: float) -> int:
-    """POST a streaming request, read for ``after_s`` seconds, then drop the connection; returns bytes read."""
+async def _stream_then_hang_up(port: int, body: dict, linger_s: float) -> int:
+    """POST a streaming request, read until its first event (the request is running), then ``linger_s`` seconds
+    more, then drop the connection; returns bytes read."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     payload = json.dumps(body).encode()
     writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
     await writer.drain()
-    received = 0
+    received = b""
+
+    async def first_event() -> None:
+        nonlocal received
+        while b"data: " not in received:
+            chunk = await reader.read(4096)
+            assert chunk, f"the stream ended before its first event: {received[-300:]!r}"
+            received += chunk
 
     async def read() -> None:
         nonlocal received
         while chunk := await reader.read(4096):
-            received += len(chunk)
+            received += chunk
 
     try:
-        await asyncio.wait_for(read(), after_s)
+        await first_event()  # (bounded by the caller's limit on the whole flood)
+        await asyncio.wait_for(read(), linger_s)
     except asyncio.TimeoutError:
         pass
     finally:
@@ -56,13 +68,14 @@ async def _stream_then_hang_up(port: int, body: dict, after_s: float) -> int:
             await asyncio.wait_for(writer.wait_closed(), 2)
         except (asyncio.TimeoutError, ConnectionError):
             pass
-    return received
+    return len(received)
 
 
 class SSEStream:
     """A streaming completion read in a thread with http.client (which undoes the chunked encoding)."""
 
-    def __init__(self, port: int, body: dict, timeout_s: float = 60.0) -> None:
+    def __init__(self, port: int, body: dict, timeout_s: float | None = None) -> None:
+        timeout_s = startup_limit_s() if timeout_s is None else timeout_s
         self.events: list[str] = []
         self.status: int | None = None
         self.error: BaseException | None = None
@@ -87,8 +100,11 @@ class SSEStream:
         finally:
             self.first_event.set()
 
-    def join(self, timeout_s: float) -> None:
-        self._thread.join(timeout_s)
+    def wait_first_event(self) -> None:
+        assert self.first_event.wait(startup_limit_s()) and self.events, self.error
+
+    def join(self, timeout_s: float | None = None) -> None:
+        self._thread.join(startup_limit_s() if timeout_s is None else timeout_s)
         assert not self._thread.is_alive(), "stream did not end"
 
     @property
@@ -105,8 +121,9 @@ class SSEStream:
         return [json.loads(e)["error"] for e in self.events[:-1] if "error" in json.loads(e)]
 
 
-def _wait_for_metrics(server: ServerProcess, want: dict[str, float], timeout_s: float) -> dict[str, float]:
-    deadline = time.monotonic() + timeout_s
+def _wait_for_metrics(server: ServerProcess, want: dict[str, float]) -> dict[str, float]:
+    """The server's metrics once they show ``want`` (or, after a generous limit, as they are)."""
+    deadline = time.monotonic() + startup_limit_s()
     while True:
         metrics = server.metrics()
         if all(metrics.get(k) == v for k, v in want.items()) or time.monotonic() > deadline:
@@ -133,18 +150,16 @@ def test_cancellation_flood(server: ServerProcess) -> None:
         return await asyncio.gather(*(
             _stream_then_hang_up(server.port, {
                 "prompt": f"request {i}: " + "the quick brown fox " * rng.randint(1, 8),
-                "max_tokens": rng.randint(300, 450), "ignore_eos": True, "stream": True,
-            }, after_s=rng.uniform(0.1, 0.5))
+                "max_tokens": rng.randint(300, 400), "ignore_eos": True, "stream": True,  # fits max_model_len
+            }, linger_s=rng.uniform(0.0, 0.2))
             for i in range(40)
         ))
 
-    asyncio.run(asyncio.wait_for(flood(), 60))
-    start = time.monotonic()
-    status, body = server.request("POST", "/v1/completions", {"prompt": "fresh", "max_tokens": 8}, timeout_s=30)
+    asyncio.run(asyncio.wait_for(flood(), startup_limit_s()))
+    status, body = server.request("POST", "/v1/completions", {"prompt": "fresh", "max_tokens": 8})
     assert status == 200 and body["usage"]["completion_tokens"] >= 1, body
-    assert time.monotonic() - start < 20, "a fresh request was not served promptly after the flood"
     metrics = _wait_for_metrics(server, {"nanovllm:kv_cache_used_pages": 0, "nanovllm:num_requests_running": 0,
-                                         "nanovllm:num_requests_waiting": 0}, timeout_s=15)
+                                         "nanovllm:num_requests_waiting": 0})
     assert metrics["nanovllm:kv_cache_used_pages"] == 0, metrics
     assert metrics["nanovllm:kv_cache_usage_perc"] == 0.0
     assert metrics["nanovllm:num_requests_running"] == 0 and metrics["nanovllm:num_requests_waiting"] == 0
@@ -152,8 +167,9 @@ def test_cancellation_flood(server: ServerProcess) -> None:
     finished = 'nanovllm:request_success_total{finished_reason="length"}'
     num_aborted = metrics[aborted] - before.get(aborted, 0)
     num_finished = metrics[finished] - before.get(finished, 0) - 1  # the fresh request
-    # most were cut short (a client that hangs up before its request is read never starts one at all)
-    assert num_aborted + num_finished <= 40 and num_aborted >= 30
+    # every request ran (each client saw its first event); hung up on, they were aborted, not run to the end (a few
+    # may finish first: their clients read on a little while after the first event)
+    assert num_aborted + num_finished == 40 and num_aborted >= 30, (num_aborted, num_finished)
 
 
 def test_schema_fuzzing(short_server: ServerProcess) -> None:
@@ -177,7 +193,7 @@ def test_schema_fuzzing(short_server: ServerProcess) -> None:
             def check(case: schemathesis.Case) -> None:
                 nonlocal num_cases
                 num_cases += 1
-                response = case.call(base_url=short_server.base_url, timeout=60)
+                response = case.call(base_url=short_server.base_url, timeout=startup_limit_s())
                 assert response.status_code < 500, (
                     f"{case.method} {case.path} body={case.body!r} -> {response.status_code}: {response.text[:300]}"
                 )
@@ -185,38 +201,64 @@ def test_schema_fuzzing(short_server: ServerProcess) -> None:
             check()
     assert num_cases >= 40
     assert short_server.request("GET", "/health")[0] == 200
-    metrics = _wait_for_metrics(short_server, {"nanovllm:num_requests_running": 0}, timeout_s=60)
+    metrics = _wait_for_metrics(short_server, {"nanovllm:num_requests_running": 0})
     assert metrics["nanovllm:num_requests_running"] == 0
 
 
-def test_sigterm_during_load(qwen3_dir: str) -> None:
-    srv = ServerProcess(qwen3_dir, *SMALL_SERVER)
+def _refuses_new_work(srv: ServerProcess) -> None:
+    """After SIGTERM: once the server took the signal, a new request finds the port closed or gets a 503."""
+    srv.wait_not_serving()
     try:
-        streams = [SSEStream(srv.port, {"prompt": f"short {i}", "max_tokens": 16, "stream": True,
+        status, _ = srv.request("POST", "/v1/completions", {"prompt": "late", "max_tokens": 2})
+        assert status == 503
+    except OSError:
+        pass
+
+
+def test_sigterm_drains_in_flight_requests(qwen3_dir: str) -> None:
+    """Requests running at SIGTERM finish normally; the server then exits 0 and leaves no child. The shutdown
+    timeout is generous, so nothing here depends on how fast this machine generates."""
+    srv = ServerProcess(qwen3_dir, *SMALL_SERVER, "--shutdown-timeout", f"{startup_limit_s():.0f}")
+    try:
+        streams = [SSEStream(srv.port, {"prompt": f"short {i}", "max_tokens": 16 * (i + 1), "stream": True,
                                         "ignore_eos": True}) for i in range(4)]
-        streams += [SSEStream(srv.port, {"prompt": f"long {i}", "max_tokens": 480, "stream": True,
-                                         "ignore_eos": True}) for i in range(2)]
         for stream in streams:
-            assert stream.first_event.wait(60) and stream.events, stream.error
-        children = srv.remember_children()
-        assert children, "the server should have an engine-core child"
+            stream.wait_first_event()
+        assert srv.remember_children(), "the server should have an engine-core child"
         srv.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        try:  # new work is refused: the port is closed, or an open connection gets a 503
-            status, _ = srv.request("POST", "/v1/completions", {"prompt": "late", "max_tokens": 2}, timeout_s=5)
-            assert status == 503
-        except OSError:
-            pass
+        _refuses_new_work(srv)
         for stream in streams:
-            stream.join(60)
+            stream.join()
             assert stream.error is None and stream.status == 200
             assert stream.events[-1] == "[DONE]"
-            finished, errors = stream.finish_reasons, stream.errors
-            # finished normally, or stopped at the shutdown timeout with one clean error event
-            assert (finished == ["length"] and not errors) or (not finished and len(errors) == 1), stream.events[-3:]
-        assert all(s.finish_reasons == ["length"] for s in streams[:4])  # short ones finish within the timeout
-        assert srv.proc.wait(30) == 0
-        assert not srv.surviving_children(timeout_s=10), "a child process outlived the server"
+            assert stream.finish_reasons == ["length"] and not stream.errors, stream.events[-3:]
+        assert srv.proc.wait(startup_limit_s()) == 0
+        assert not srv.surviving_children(), "a child process outlived the server"
+    finally:
+        srv.stop()
+
+
+def test_sigterm_stops_requests_at_the_shutdown_timeout(qwen3_dir: str) -> None:
+    """Requests still running when the shutdown timeout ends (here at once) each get one clean error event and
+    ``[DONE]``; the server exits 0 and leaves no child."""
+    srv = ServerProcess(qwen3_dir, *SMALL_SERVER, "--shutdown-timeout", "0")
+    try:
+        streams = [SSEStream(srv.port, {"prompt": f"long {i}", "max_tokens": 480, "stream": True,
+                                        "ignore_eos": True}) for i in range(2)]
+        for stream in streams:
+            stream.wait_first_event()
+        assert srv.remember_children(), "the server should have an engine-core child"
+        srv.proc.send_signal(signal.SIGTERM)
+        _refuses_new_work(srv)
+        for stream in streams:
+            stream.join()
+            assert stream.error is None and stream.status == 200
+            assert stream.events[-1] == "[DONE]"
+            # (480 tokens cannot be generated in the tenth of a second the server gives them)
+            (error,) = stream.errors
+            assert not stream.finish_reasons and "shutting down" in error["message"], stream.events[-3:]
+        assert srv.proc.wait(startup_limit_s()) == 0
+        assert not srv.surviving_children(), "a child process outlived the server"
     finally:
         srv.stop()
 
@@ -226,18 +268,23 @@ def test_engine_death_mid_stream(qwen3_dir: str) -> None:
     try:
         core_pid = srv.engine_core_pid()
         stream = SSEStream(srv.port, {"prompt": "doomed", "max_tokens": 400, "stream": True, "ignore_eos": True})
-        assert stream.first_event.wait(60) and stream.events, stream.error
+        stream.wait_first_event()
         os.kill(core_pid, signal.SIGKILL)
-        stream.join(30)
+        stream.join()
         assert stream.status == 200 and stream.events[-1] == "[DONE]"
         (error,) = stream.errors  # one error event, then [DONE]
         assert "engine core process died" in error["message"]
-        status, body = srv.request("GET", "/health")
-        assert status == 503 and "error" in body
-        status, body = srv.request("POST", "/v1/completions", {"prompt": "after", "max_tokens": 2})
-        assert status == 503, body
-        assert srv.stop() == 0
-        assert not srv.surviving_children(timeout_s=10)
+        # the server is on its way out (it exits a moment after its streams had their errors): until it is gone it
+        # refuses work; how long that is depends on this machine, so either answer is right
+        for method, path, body in (("GET", "/health", None),
+                                   ("POST", "/v1/completions", {"prompt": "after", "max_tokens": 2})):
+            try:
+                status, answer = srv.request(method, path, body)
+                assert status == 503 and "error" in answer, (path, status, answer)
+            except OSError:  # gone already
+                pass
+        assert srv.proc.wait(startup_limit_s()) == 1  # so that a supervisor restarts it
+        assert not srv.surviving_children()
     finally:
         srv.stop()
 
@@ -248,8 +295,8 @@ def test_killed_server_leaves_no_child(qwen3_dir: str) -> None:
     try:
         assert srv.remember_children()
         srv.proc.kill()
-        srv.proc.wait(10)
-        assert not srv.surviving_children(timeout_s=15), "the engine core outlived a killed server"
+        srv.proc.wait(startup_limit_s())
+        assert not srv.surviving_children(), "the engine core outlived a killed server"
     finally:
         srv.stop()
 
