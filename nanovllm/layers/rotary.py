@@ -1,4 +1,5 @@
-"""Rotary position embedding (the neox / rotate-half layout), with Llama 3's frequency scaling."""
+"""Rotary position embedding (the neox / rotate-half layout), with Llama 3's frequency scaling, linear position
+scaling, and explicit per-frequency divisors (how GGUF files store Llama 3.1's scaling)."""
 from __future__ import annotations
 
 import math
@@ -50,8 +51,13 @@ class RotaryEmbedding(nn.Module):
         rope_type = params["rope_type"]
         if rope_type == "llama3":
             inv_freq = _llama3_inv_freq(inv_freq, params)
+        elif rope_type == "linear":  # positions divided by the factor
+            inv_freq = inv_freq / float(params["factor"])
+        elif rope_type == "freq_factors":
+            inv_freq = inv_freq / torch.tensor(params["freq_factors"], dtype=torch.float32)
         elif rope_type != "default":
-            raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, llama3)")
+            raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, llama3, linear, "
+                             "freq_factors)")
         positions = torch.arange(max_position, dtype=torch.float32, device="cpu")
         freqs = torch.outer(positions, inv_freq)
         # [max_position, head_dim]: cos of each frequency, then sin of each

@@ -1,4 +1,5 @@
-"""From a model name to loaded parameters: hub download, config, safetensors, packed and sharded weights."""
+"""Checkpoint tensors into parameters: safetensors (sharded or not), PyTorch ``.bin`` files, GGUF; packed and
+per-expert weights; random weights for ``load_format="dummy"``."""
 from __future__ import annotations
 
 import glob
@@ -11,47 +12,59 @@ import torch
 from torch import nn
 
 from nanovllm.checkpoint_slice import CheckpointSlice
+from nanovllm.loader.source import is_gguf
 
 logger = logging.getLogger(__name__)
 
 
-def resolve_model_path(model: str, revision: str | None = None, weights: bool = True) -> str:
-    """A local directory as is; otherwise a Hugging Face hub id, downloaded (or found in the local hub cache)."""
-    if os.path.isdir(model):
-        return model
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.txt", "*.model", "*.jinja"] + (["*.safetensors"] if weights else [])
-    logger.info("fetching %s from the Hugging Face hub", model)
-    return snapshot_download(model, revision=revision, allow_patterns=patterns)
-
-
-def load_hf_config(path: str, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-
-
 def safetensors_files(path: str) -> list[str]:
-    index = os.path.join(path, "model.safetensors.index.json")
+    return _weight_files(path, "model.safetensors.index.json", "*.safetensors")
+
+
+def bin_files(path: str) -> list[str]:
+    """PyTorch checkpoints: ``pytorch_model.bin``, or the shards its index names (not any ``*.bin``: a directory
+    may hold training arguments under that suffix)."""
+    return _weight_files(path, "pytorch_model.bin.index.json", "pytorch_model*.bin")
+
+
+def _weight_files(path: str, index_name: str, pattern: str) -> list[str]:
+    index = os.path.join(path, index_name)
     if os.path.exists(index):
         with open(index) as f:
             names = sorted(set(json.load(f)["weight_map"].values()))
         return [os.path.join(path, name) for name in names]
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors weights in {path} (use load_format='dummy' for random weights)")
-    return files
+    return sorted(glob.glob(os.path.join(path, pattern)))
 
 
-def iter_checkpoint(path: str) -> Iterator[tuple[str, Any]]:
-    """Yield (name, lazy slice) for every tensor; slicing reads only the part a rank needs."""
-    from safetensors import safe_open
+def iter_checkpoint(path: str, config: Any = None) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) for every checkpoint tensor. safetensors are read lazily (a ``CheckpointSlice``: a tensor-parallel
+    rank reads only its shard); ``.bin`` files (where a directory has no safetensors) and GGUF files in full."""
+    if is_gguf(path):
+        from nanovllm.loader.gguf import iter_tensors
 
-    for file in safetensors_files(path):
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                yield name, f.get_slice(name)
+        yield from iter_tensors(path, config)
+        return
+    if files := safetensors_files(path):
+        from safetensors import safe_open
+
+        for file in files:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, CheckpointSlice(f.get_slice(name))
+        return
+    if files := bin_files(path):
+        for file in files:
+            yield from _load_bin(file).items()
+        return
+    raise FileNotFoundError(f"no weights in {path}: no .safetensors, pytorch_model*.bin or .gguf file "
+                            "(use load_format='dummy' for random weights)")
+
+
+def _load_bin(file: str) -> dict[str, torch.Tensor]:
+    try:  # tensors only (no code runs), memory-mapped where the file's format allows
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # the legacy (pre-zip) format cannot be mapped
+        return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def _default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
@@ -74,7 +87,7 @@ def load_weights(model: nn.Module, path: str) -> None:
     if getattr(model, "tie_word_embeddings", False):
         skip.add("lm_head.weight")
     loaded: set[str] = set()
-    for name, tensor_slice in iter_checkpoint(path):
+    for name, tensor in iter_checkpoint(path, model.config):
         if name in skip or "rotary_emb.inv_freq" in name:
             continue
         param_name, shard_id = map_weight_name(model, name)
@@ -86,7 +99,7 @@ def load_weights(model: nn.Module, path: str) -> None:
                 continue  # a layer another pipeline stage owns
             raise ValueError(f"checkpoint tensor {name!r} has no matching parameter ({param_name!r})")
         weight_loader = getattr(param, "weight_loader", _default_weight_loader)
-        weight_loader(param, CheckpointSlice(tensor_slice), shard_id)  # a TP rank reads only its shard
+        weight_loader(param, tensor, shard_id)
         loaded.add(param_name)
     missing = sorted(set(params) - loaded - {"lm_head.weight"} - skip)
     if missing:
