@@ -119,14 +119,15 @@ def test_abort_frees_pages(engine: AsyncLLM) -> None:
 
 def test_cancelling_the_consumer_aborts(engine: AsyncLLM) -> None:
     async def main() -> None:
-        started = asyncio.Event()
+        started = [asyncio.Event() for _ in range(8)]
 
         async def consume(i: int) -> None:
             async for _ in engine.generate(f"prompt {i}", SamplingParams(max_tokens=200, ignore_eos=True)):
-                started.set()
+                started[i].set()
 
         tasks = [asyncio.create_task(consume(i)) for i in range(8)]
-        await started.wait()
+        # every request is running (a consumer cancelled before its request was queued would have nothing to abort)
+        await asyncio.gather(*(event.wait() for event in started))
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
