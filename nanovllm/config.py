@@ -9,6 +9,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
 LOAD_FORMATS = ("auto", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
+STRUCTURED_OUTPUTS_BACKENDS = ("xgrammar", "llguidance")
 
 
 @dataclass
@@ -36,6 +37,7 @@ class EngineConfig:
     pipeline_parallel_size: int = 1
     revision: str | None = None
     trust_remote_code: bool = False
+    structured_outputs_backend: str = "xgrammar"  # the grammar engine of structured outputs
     # filled in by the engine once the model config is read
     hf_config: Any = field(default=None, repr=False)
 
@@ -44,6 +46,7 @@ class EngineConfig:
         _check_choice("device", self.device, DEVICES)
         _check_choice("load_format", self.load_format, LOAD_FORMATS)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _check_choice("structured_outputs_backend", self.structured_outputs_backend, STRUCTURED_OUTPUTS_BACKENDS)
         _check_int("max_num_seqs", self.max_num_seqs, minimum=1)
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, minimum=1)
         _check_int("block_size", self.block_size, minimum=1)

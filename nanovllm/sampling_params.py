@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import reprlib
+import json
 from dataclasses import dataclass, field
 
 # Any 64-bit integer is a seed, signed or not (as in vLLM); samples of an ``n > 1`` request derive their own.
@@ -15,6 +16,58 @@ MAX_LOGIT_BIAS = 1024  # entries of logit_bias
 LOGIT_BIAS_MIN, LOGIT_BIAS_MAX = -100.0, 100.0
 MAX_BAD_WORDS = 128
 MAX_BAD_WORDS_CHARS = 16_384  # all bad words together
+
+
+MAX_CHOICES = 1024
+MAX_GRAMMAR_CHARS = 1 << 20  # a schema, regex or grammar, as text
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain the output to a JSON schema, any JSON object, a regex, one of several strings, or a grammar (EBNF,
+    as xgrammar reads it; llguidance reads Lark too). Exactly one is given; spelled as in vLLM."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False  # no free whitespace in JSON: shorter outputs
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs needs exactly one of json, regex, choice, grammar or json_object, "
+                             f"got {given or 'none'}")
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except ValueError as exc:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from None
+        if self.json is not None and not isinstance(self.json, (dict, bool)):
+            raise ValueError(f"structured_outputs.json must be a JSON schema (an object), got {_short(self.json)}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value or len(value) > MAX_GRAMMAR_CHARS):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string of at most "
+                                 f"{MAX_GRAMMAR_CHARS} characters")
+        if self.choice is not None:
+            if (not isinstance(self.choice, (list, tuple)) or not self.choice or len(self.choice) > MAX_CHOICES
+                    or any(not isinstance(c, str) or not c for c in self.choice)):
+                raise ValueError(f"structured_outputs.choice must be a list of 1 to {MAX_CHOICES} non-empty strings")
+            self.choice = list(self.choice)
+        if self.json is not None and len(json.dumps(self.json)) > MAX_GRAMMAR_CHARS:
+            raise ValueError(f"structured_outputs.json may have at most {MAX_GRAMMAR_CHARS} characters")
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in ("json", "regex", "choice", "grammar", "json_object")
+                    if getattr(self, name) not in (None, False))
+
+    def key(self) -> str:
+        """One string per distinct constraint: the grammar cache's key."""
+        return json.dumps([self.kind, getattr(self, self.kind), self.disable_any_whitespace], sort_keys=True)
 
 
 @dataclass
@@ -40,6 +93,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None  # only these tokens may be sampled
     bad_words: list[str] | None = None  # never generated (as-is, or after a space)
+    structured_outputs: StructuredOutputsParams | None = None
     stop_strings: list[str] = field(init=False, repr=False)
     # bad_words as token sequences; the input processor sets it on its copy of the params (it has the tokenizer)
     bad_words_token_ids: list[list[int]] | None = field(default=None, init=False, repr=False, compare=False)
@@ -58,6 +112,10 @@ class SamplingParams:
             self.top_k = -1
         self._validate()
         self._validate_logit_controls()
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams")
 
     def _validate(self) -> None:
         if not isinstance(self.n, int) or self.n < 1:

@@ -68,13 +68,15 @@ def run_engine_core(
 def _build_core(config: EngineConfig) -> Any:
     # imported here: these pull in torch and the model code, which only the child needs at this point
     from nanovllm.engine.engine_core import EngineCore
+    from nanovllm.engine.model_files import load_tokenizer
     from nanovllm.executor import make_executor
     from nanovllm.loader import load_hf_config, resolve_model_path
 
     model_path = resolve_model_path(config.model, config.revision, weights=config.load_format != "dummy")
     if config.hf_config is None:
         config.finalize(load_hf_config(model_path, config.trust_remote_code))
-    return EngineCore(config, make_executor(config, model_path))
+    # the tokenizer loads only if a request asks for structured outputs (their grammars need the vocabulary)
+    return EngineCore(config, make_executor(config, model_path), load_tokenizer=lambda: load_tokenizer(config, model_path))
 
 
 class _CoreLoop:

@@ -4,7 +4,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
 
 from torch.profiler import record_function
 
@@ -15,6 +18,7 @@ from nanovllm.engine.messages import EngineCoreOutput, EngineRequest
 from nanovllm.engine.request import Request, RequestStatus
 from nanovllm.engine.scheduler import Scheduler, SchedulerOutput
 from nanovllm.engine.serving_stats import CoreStats
+from nanovllm.engine.structured_output import StructuredOutputManager
 from nanovllm.executor.base import Executor, LaunchedStep
 from nanovllm.executor.input_batch import HostBatch
 
@@ -37,12 +41,18 @@ class EngineStats:
 class _InFlight:
     sched: SchedulerOutput
     step: LaunchedStep
+    grammar_rows: list[int] = field(default_factory=list)  # sampled rows whose grammar bitmask is still to come
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, executor: Executor) -> None:
+    def __init__(self, config: EngineConfig, executor: Executor,
+                 load_tokenizer: Callable[[], Any] | None = None) -> None:
+        """``load_tokenizer``: for structured outputs, whose grammars are compiled against the vocabulary."""
         self.config = config
         self.executor = executor
+        self.structured = None if load_tokenizer is None else StructuredOutputManager(
+            config.structured_outputs_backend, config.hf_config.vocab_size, load_tokenizer)
+        self._compiling: list[Request] = []  # requests waiting for their grammar
         self.vocab_size: int = config.hf_config.vocab_size
         self.kv = KVCacheManager(executor.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         # a pipeline of N stages keeps N disjoint micro-batches in flight, so no stage waits for the others
@@ -65,7 +75,14 @@ class EngineCore:
 
     def add_request(self, spec: EngineRequest) -> None:
         """Queue a request the input processor made (which checked that it fits the pool)."""
-        self.scheduler.add_request(Request.from_spec(spec))
+        request = Request.from_spec(spec)
+        constraint = spec.sampling_params.structured_outputs
+        if constraint is not None:
+            if self.structured is None:
+                raise ValueError("structured_outputs need a tokenizer, and this engine has none")
+            request.grammar = self.structured.start(constraint, spec.eos_token_ids)
+            self._compiling.append(request)
+        self.scheduler.add_request(request)
 
     def abort_request(self, request_id: str) -> None:
         self.scheduler.abort_request(request_id)
@@ -87,26 +104,28 @@ class EngineCore:
         micro-batches, up to ``max_in_flight`` steps stay launched; the oldest is collected when a newer one is
         launched, or when nothing new could be scheduled."""
         start = time.perf_counter()
+        failed = self._poll_grammars()
         # the named ranges show up in a torch profiler trace (bench throughput --profile)
         with record_function("nanovllm.schedule"):
             sched = self.scheduler.schedule()
-        failed: list[Request] = []
+        updated: list[tuple[Request, int, dict[int, float] | None]] = []
+        launched = None
         if not sched.is_empty:
             with record_function("nanovllm.launch"):
+                constrained = any(chunk.request.grammar for chunk in sched.sampled_chunks)
+                if constrained and not self.executor.samples_later:
+                    while self.in_flight:  # the bitmask goes with the launch, and needs every earlier token
+                        updated += self._collect_oldest()
                 host = self._build(sched, failed)
                 if not sched.is_empty:
-                    self.in_flight.append(_InFlight(sched, self.executor.launch(host)))
-                    for row, chunk in enumerate(sched.sampled_chunks):  # where the next step finds the token
-                        chunk.request.sample_row = row
-        updated: list[tuple[Request, int, dict[int, float] | None]] = [(r, -1, None) for r in failed]
+                    launched = self._launch(sched, host)
+        if launched is not None and launched.grammar_rows and len(self.in_flight) == 1:
+            self._sample_with_grammar(launched)  # nothing earlier in flight: the matchers are up to date
         if self.in_flight and (len(self.in_flight) > self.max_in_flight or sched.is_empty):
-            done = self.in_flight.popleft()
-            with record_function("nanovllm.collect"):
-                result = self.executor.collect(done.step)
-            with record_function("nanovllm.update"):
-                step_updates = self.scheduler.update(done.sched, result)
-            self._count(done.sched, sum(1 for _, token, _ in step_updates if token >= 0))
-            updated += step_updates
+            updated += self._collect_oldest()
+        if launched is not None and launched.grammar_rows:
+            self._sample_with_grammar(launched)
+        updated = [(r, -1, None) for r in failed] + updated
         step_time = time.perf_counter() - start
         self.stats.step_time_s += step_time
         self.stats.host_time_s += step_time - self.executor.take_wait_time()
@@ -118,6 +137,64 @@ class EngineCore:
                 self.scheduler.fail_request(request, exc)
                 outputs.append(EngineCoreOutput(request.request_id, [], "error", f"{type(exc).__name__}: {exc}"))
         return outputs
+
+    def _launch(self, sched: SchedulerOutput, host: HostBatch) -> _InFlight:
+        launched = _InFlight(sched, None)  # type: ignore[arg-type]
+        grammar_rows = [row for row, chunk in enumerate(sched.sampled_chunks) if chunk.request.grammar]
+        if grammar_rows:
+            host.sampling.grammar_rows = np.asarray(grammar_rows, dtype=np.int64)
+            if self.executor.samples_later:
+                launched.grammar_rows = grammar_rows  # sampled once the earlier tokens have reached the matchers
+            else:
+                host.sampling.grammar_bitmask = self._grammar_bitmask(sched, grammar_rows)
+        launched.step = self.executor.launch(host)
+        self.in_flight.append(launched)
+        for row, chunk in enumerate(sched.sampled_chunks):  # where the next step finds the token
+            chunk.request.sample_row = row
+        return launched
+
+    def _grammar_bitmask(self, sched: SchedulerOutput, rows: list[int]) -> np.ndarray:
+        chunks = sched.sampled_chunks
+        return self.structured.bitmask([chunks[row].request.grammar.matcher for row in rows])
+
+    def _sample_with_grammar(self, launched: _InFlight) -> None:
+        with record_function("nanovllm.grammar"):
+            self.executor.sample(launched.step, self._grammar_bitmask(launched.sched, launched.grammar_rows))
+        launched.grammar_rows = []
+
+    def _collect_oldest(self) -> list[tuple[Request, int, dict[int, float] | None]]:
+        done = self.in_flight.popleft()
+        with record_function("nanovllm.collect"):
+            result = self.executor.collect(done.step)
+        with record_function("nanovllm.update"):
+            updates = self.scheduler.update(done.sched, result)
+            for request, token, _ in updates:
+                if request.grammar is not None and token >= 0:
+                    self._advance_grammar(request, token)
+        self._count(done.sched, sum(1 for _, token, _ in updates if token >= 0))
+        return updates
+
+    def _advance_grammar(self, request: Request, token: int) -> None:
+        """The matcher takes the token; a grammar that can take no more ends the request (a stop)."""
+        matcher = request.grammar.matcher
+        if not matcher.accept(token) and not request.is_finished:
+            self.scheduler.fail_request(request, ValueError(f"the grammar rejected token {token}"))
+        elif matcher.is_terminated() and not request.is_finished:
+            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+
+    def _poll_grammars(self) -> list[Request]:
+        """Give ready grammars their matchers; fail the requests whose grammar did not compile."""
+        failed, still = [], []
+        for request in self._compiling:
+            if request.is_finished:
+                continue
+            if not self.structured.poll(request.grammar):
+                still.append(request)
+            elif request.grammar.error is not None:
+                self.scheduler.fail_request(request, ValueError(request.grammar.error))
+                failed.append(request)
+        self._compiling = still
+        return failed
 
     def _build(self, sched: SchedulerOutput, failed: list[Request]) -> HostBatch | None:
         """The step's host arrays. If they cannot be built, the requests whose own arrays cannot be built are

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.messages import EngineRequest
+from nanovllm.engine.structured_output import validate as validate_structured_outputs
 from nanovllm.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -181,6 +182,10 @@ class InputProcessor:
             bad_allowed = [t for t in params.allowed_token_ids if t >= self.vocab_size]
             if bad_allowed:
                 raise ValueError(f"allowed_token_ids must be in [0, {self.vocab_size}), got {bad_allowed[:5]}")
+        if params.structured_outputs is not None:
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs need a tokenizer, and this model has none")
+            validate_structured_outputs(params.structured_outputs, self.config.structured_outputs_backend)
         block_size = self.config.block_size
         needed = -(-(num_prompt + max_tokens) // block_size)
         if needed > self.num_kv_pages:  # it would wait for room for ever

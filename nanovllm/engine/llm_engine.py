@@ -18,7 +18,7 @@ class LLMEngine:
         files = prepare_model_files(config, weights=True)
         self.config = config
         self.tokenizer = files.tokenizer
-        self.core = EngineCore(config, make_executor(config, files.model_path))
+        self.core = EngineCore(config, make_executor(config, files.model_path), load_tokenizer=lambda: self.tokenizer)
         self.input_processor = InputProcessor(config, self.tokenizer, files.eos_token_ids, self.core.num_kv_pages)
         self.output_processor = OutputProcessor(self.tokenizer)
 

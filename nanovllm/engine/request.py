@@ -58,6 +58,7 @@ class Request:
     prompt_logprobs: list[dict[int, float]] = field(default_factory=list)  # for prompt positions 1.. (echo)
     prompt_logprobs_sent: bool = False
     sample_row: int = -1  # row of this request's last sampled token in its step's samples (on the device)
+    grammar: Any = None  # structured outputs: a GrammarState (compiling, then its matcher)
     in_flight: bool = False  # in a launched micro-batch not yet collected (pipeline parallelism)
 
     def __post_init__(self) -> None:

@@ -143,6 +143,8 @@ class Scheduler:
             budget = self.max_num_batched_tokens - out.num_batched_tokens
             if budget == 0 or len(self.running) >= self.max_num_seqs or len(out.chunks) >= max_seqs:
                 break
+            if request.grammar is not None and request.grammar.matcher is None:
+                continue  # its grammar is still compiling
             first_page = self._first_page(request)
             if first_page is not None and first_page in prefilling and not self.kv.is_cached(first_page):
                 continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from nanovllm.executor.input_batch import HostBatch, PromptSpan
@@ -35,6 +36,7 @@ class LaunchedStep:
     prompt_values: torch.Tensor | None = None
     prompt_spans: list[PromptSpan] = field(default_factory=list)
     event: torch.cuda.Event | None = None
+    unsampled: tuple[torch.Tensor, Any] | None = None  # (logits, sampling batch) waiting for a grammar bitmask
 
     @classmethod
     def for_batch(cls, host: HostBatch) -> "LaunchedStep":
@@ -70,8 +72,14 @@ class Executor(Protocol):
     num_kv_blocks: int  # pages in the KV pool (the smallest over all ranks)
     device_type: str  # "cuda" or "cpu": overlap scheduling is on by default for CUDA
     num_micro_batches: int  # steps the engine keeps in flight at once: one per pipeline stage
+    # whether ``launch`` takes a batch whose grammar bitmask comes later, through ``sample``
+    samples_later: bool
 
     def launch(self, batch: HostBatch) -> LaunchedStep: ...
+
+    def sample(self, step: LaunchedStep, grammar_bitmask: np.ndarray) -> None:
+        """Sample a step launched without its grammar bitmask (``samples_later`` executors only)."""
+        ...
 
     def collect(self, step: LaunchedStep) -> ModelOutput: ...
 

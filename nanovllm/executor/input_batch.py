@@ -83,6 +83,11 @@ class HostSampling:
     ban_if_tokens: np.ndarray | None = None  # int64
     ban_if_after: np.ndarray | None = None  # int64
     ban_if_inputs: np.ndarray | None = None  # int64
+    # structured outputs: the constrained rows, and their token bitmask ([rows, vocab / 32] int32, bit t % 32 of
+    # word t // 32 set where token t is allowed). Without a bitmask here, it comes after the launch (``sample``):
+    # the grammar needs the previous step's tokens, which are still being sampled
+    grammar_rows: np.ndarray | None = None  # int64
+    grammar_bitmask: np.ndarray | None = None
 
     @property
     def num_logprobs(self) -> int:
@@ -181,6 +186,8 @@ def to_forward_batch(host: HostBatch, stager: HostStager) -> ForwardBatch:
                 rows=on_device["ban_if_rows"], tokens=on_device["ban_if_tokens"], after=on_device["ban_if_after"],
                 input_ids=on_device["input_ids"], inputs=on_device["ban_if_inputs"],
             )
+        if flags.grammar_rows is not None:
+            sampling.grammar_rows, sampling.grammar_bitmask = on_device["grammar_rows"], on_device.get("grammar_bitmask")
         if flags.penalties is not None:
             sampling.penalties = Penalties(
                 presence=on_device["presence"], frequency=on_device["frequency"],

@@ -6,6 +6,7 @@ import time
 from itertools import accumulate
 from typing import Any
 
+import numpy as np
 import torch
 
 from nanovllm.config import EngineConfig
@@ -52,6 +53,7 @@ class ModelRunner:
     """The ``Executor`` of a single-device engine, and each rank's runner in a parallel one."""
 
     num_micro_batches = 1
+    samples_later = True
 
     def __init__(self, config: EngineConfig, model_path: str) -> None:
         self.config = config
@@ -266,17 +268,36 @@ class ModelRunner:
             ids, values = self.score_prompt(batch, out.hidden)
             if copy_results:
                 step.prompt_ids, step.prompt_values = self._to_host(ids), self._to_host(values)
+        if batch.sampling is not None and batch.sampling.grammar_rows is not None and batch.sampling.grammar_bitmask is None:
+            step.unsampled = (out.logits, batch.sampling)  # the grammar's bitmask comes later: ``sample``
+            return step
         if batch.sampling is not None:
-            sampled = self.sampler(out.logits, batch.sampling)
-            self.last_sampled = sampled.token_ids
-            if copy_results:
-                step.token_ids = self._tokens_to_host(sampled.token_ids)
-                if sampled.logprobs is not None:
-                    step.logprobs = (self._to_host(sampled.logprob_ids), self._to_host(sampled.logprobs))
+            self._sample(step, out.logits, batch.sampling, copy_results)
+        self._record(step)
+        return step
+
+    @torch.inference_mode()
+    def sample(self, step: LaunchedStep, grammar_bitmask: np.ndarray) -> None:
+        """Sample a step launched without its grammar bitmask. The forward is already queued, so the host made
+        the bitmask (after the previous step's tokens came back) while the device ran it."""
+        assert step.unsampled is not None, "this step was sampled at launch"
+        (logits, sampling), step.unsampled = step.unsampled, None
+        sampling.grammar_bitmask = host_to_device(torch.from_numpy(grammar_bitmask), self.device)
+        self._sample(step, logits, sampling, copy_results=True)
+        self._record(step)
+
+    def _sample(self, step: LaunchedStep, logits: torch.Tensor, sampling: Any, copy_results: bool) -> None:
+        sampled = self.sampler(logits, sampling)
+        self.last_sampled = sampled.token_ids
+        if copy_results:
+            step.token_ids = self._tokens_to_host(sampled.token_ids)
+            if sampled.logprobs is not None:
+                step.logprobs = (self._to_host(sampled.logprob_ids), self._to_host(sampled.logprobs))
+
+    def _record(self, step: LaunchedStep) -> None:
         if self.device.type == "cuda":
             step.event = torch.cuda.Event()
             step.event.record()
-        return step
 
     def score_prompt(self, batch: ForwardBatch, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logprobs of the prompt tokens this step scores (echo / prompt_logprobs): each scored token's logprob

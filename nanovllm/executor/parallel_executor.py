@@ -191,7 +191,10 @@ def _send_stop() -> None:
 
 
 class ParallelExecutor:
-    """The ``Executor`` over ``tp * pp`` ranks."""
+    """The ``Executor`` over ``tp * pp`` ranks. Every rank that samples needs a step's grammar bitmask at launch,
+    so the engine makes it before (``samples_later`` is False)."""
+
+    samples_later = False
 
     def __init__(self, config: EngineConfig, model_path: str) -> None:
         tp_size, pp_size = config.tensor_parallel_size, config.pipeline_parallel_size
@@ -259,6 +262,9 @@ class ParallelExecutor:
             return self.runner.launch(batch)
         except Exception as exc:
             raise self._failed(exc) from exc
+
+    def sample(self, step: LaunchedStep, grammar_bitmask: Any) -> None:
+        raise RuntimeError("tensor and pipeline ranks take a step's grammar bitmask at launch")
 
     def collect(self, step: LaunchedStep) -> ModelOutput:
         try:

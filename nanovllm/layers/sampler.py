@@ -110,6 +110,9 @@ class SamplingBatch:
     # (restricted rows, then (rows, token ids) they may sample): allowed_token_ids
     allowed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     conditional_bans: ConditionalBans | None = None
+    # structured outputs: the constrained rows and their int32 token bitmask (which may be set after the forward)
+    grammar_rows: torch.Tensor | None = None
+    grammar_bitmask: torch.Tensor | None = None
     num_logprobs: int = -1  # the most top logprobs any row asks for; -1: none
 
 
@@ -129,6 +132,8 @@ class Sampler(nn.Module):
         if (batch.banned is not None or batch.logit_bias is not None or batch.allowed is not None
                 or batch.conditional_bans is not None):
             logits = _apply_logit_controls(logits, batch)
+        if batch.grammar_bitmask is not None:
+            logits = apply_token_bitmask(logits, batch.grammar_rows, batch.grammar_bitmask)
         if batch.all_greedy:
             return logits.argmax(dim=-1)
         is_random = batch.temperatures > 0
@@ -175,6 +180,17 @@ def _apply_logit_controls(logits: torch.Tensor, batch: SamplingBatch) -> torch.T
         nothing_left = torch.isneginf(logits).all(dim=-1, keepdim=True)
         logits = torch.where(nothing_left, unbanned, logits)
     return logits
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """``-inf`` for the tokens a row's grammar does not allow (a new tensor: the logits may be a graph's output).
+    Bit ``t % 32`` of ``bitmask[i, t // 32]`` set means row ``rows[i]`` may sample token ``t``."""
+    vocab = logits.shape[-1]
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab]
+    blocked = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+    blocked[rows] = ~allowed
+    return logits.masked_fill(blocked, float("-inf"))
 
 
 def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,116 @@
+"""xgrammar (the default backend): grammars compiled once per tokenizer into token-mask caches, fast per step."""
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import numpy as np
+
+from nanovllm.sampling_params import StructuredOutputsParams
+
+# A string of bounded length as xgrammar 0.2.9 compiles it admits raw control characters (invalid JSON) and no
+# escapes; the same bounds as a pattern of plain characters admit valid JSON only.
+_PLAIN_CHARS = '[^"\\\\\\x00-\\x1f]'
+
+
+def _safe_strings(schema: Any) -> Any:
+    """``schema`` with every length-bounded plain string rewritten as a pattern of plain characters."""
+    if isinstance(schema, list):
+        return [_safe_strings(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: _safe_strings(value) for key, value in schema.items()}
+    bounded = "minLength" in out or "maxLength" in out
+    if out.get("type") == "string" and bounded and not {"pattern", "format", "enum", "const"} & out.keys():
+        low, high = out.pop("minLength", 0), out.pop("maxLength", "")
+        out["pattern"] = f"^{_PLAIN_CHARS}{{{low},{high}}}$"
+    return out
+
+
+def _choice_grammar(choices: list[str]) -> str:
+    return "root ::= " + " | ".join(json.dumps(choice) for choice in choices)  # EBNF strings escape as JSON's do
+
+
+class XGrammarBackend:
+    name = "xgrammar"
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: frozenset[int]) -> None:
+        import xgrammar as xgr
+
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids))
+        # xgrammar reads added special tokens (<|im_start|>, ...) as their text, so a JSON string could hold one:
+        # give them no text, so that no grammar ever allows them
+        vocab = list(info.decoded_vocab)
+        for token_id in set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder) - set(stop_token_ids):
+            if token_id < len(vocab):
+                vocab[token_id] = b""
+        self.tokenizer_info = xgr.TokenizerInfo.from_vocab_and_metadata(vocab, info.dump_metadata())
+        self.compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=2)
+        self.words = (vocab_size + 31) // 32  # int32 words of a bitmask row
+
+    @staticmethod
+    def validate(spec: StructuredOutputsParams) -> None:
+        """Compile without a tokenizer (cheap), so that a bad schema is a ValueError before the request is queued."""
+        import xgrammar as xgr
+
+        try:
+            _grammar(xgr.Grammar, spec)
+        except RuntimeError as exc:
+            raise ValueError(f"structured_outputs.{spec.kind}: {_reason(exc)}") from None
+
+    def compile(self, spec: StructuredOutputsParams) -> Any:
+        try:
+            return _grammar(self.compiler, spec)
+        except RuntimeError as exc:
+            raise ValueError(f"structured_outputs.{spec.kind}: {_reason(exc)}") from None
+
+    def matcher(self, compiled: Any) -> "XGrammarMatcher":
+        return XGrammarMatcher(compiled)
+
+
+def _grammar(builder: Any, spec: StructuredOutputsParams) -> Any:
+    """The same calls build a ``Grammar`` (class methods) or a ``CompiledGrammar`` (a compiler's methods)."""
+    compact = spec.disable_any_whitespace
+    options = {"any_whitespace": not compact, "separators": (",", ":") if compact else None}
+    if spec.json is not None:
+        schema = _safe_strings(copy.deepcopy(spec.json)) if isinstance(spec.json, dict) else spec.json
+        return _call(builder, "json_schema", json.dumps(schema), **options)
+    if spec.json_object:
+        return _call(builder, "json_schema", json.dumps({"type": "object"}), strict_mode=False, **options)
+    if spec.regex is not None:
+        return _call(builder, "regex", spec.regex)
+    text = _choice_grammar(spec.choice) if spec.choice is not None else spec.grammar
+    return _call(builder, "grammar", text)
+
+
+def _call(builder: Any, kind: str, text: str, **options: Any) -> Any:
+    if isinstance(builder, type):  # xgr.Grammar: from_json_schema / from_regex / from_ebnf
+        return getattr(builder, {"grammar": "from_ebnf"}.get(kind, f"from_{kind}"))(text, **options)
+    return getattr(builder, f"compile_{kind}")(text, **options)
+
+
+def _reason(exc: RuntimeError) -> str:
+    """xgrammar's message without the C++ source location in front of it."""
+    message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    return message.split(": ", 1)[-1] if message.startswith("[") else message
+
+
+class XGrammarMatcher:
+    def __init__(self, compiled: Any) -> None:
+        import xgrammar as xgr
+
+        # terminated as soon as nothing can follow, with or without the stop token (as llguidance does)
+        self._matcher = xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
+
+    def accept(self, token_id: int) -> bool:
+        return self._matcher.accept_token(token_id)
+
+    def fill(self, bitmask: np.ndarray, row: int) -> None:
+        if self._matcher.is_terminated():  # the request is over; its row is discarded
+            bitmask[row] = -1
+        else:
+            self._matcher.fill_next_token_bitmask(bitmask, row)
+
+    def is_terminated(self) -> bool:
+        return self._matcher.is_terminated()

@@ -1,0 +1,111 @@
+"""Structured outputs on a tiny random model, the strictest test there is: only the grammar can make its output valid.
+
+Every output parses and validates (jsonschema), for both backends, with n > 1, chunked prefill, preemption and
+overlap scheduling; unconstrained requests batched with constrained ones keep their tokens; bad constraints are
+a ValueError (a 400 on the server) naming the field."""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.sampling_params import StructuredOutputsParams
+
+jsonschema = pytest.importorskip("jsonschema")
+
+SCHEMAS = {
+    "flat": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                              "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+             "required": ["name", "age"], "additionalProperties": False},
+    "nested": {"type": "object", "additionalProperties": False, "required": ["user", "active"], "properties": {
+        "user": {"type": "object", "additionalProperties": False, "required": ["id", "tags"], "properties": {
+            "id": {"type": "integer", "minimum": 1, "maximum": 999},
+            "tags": {"type": "array", "items": {"enum": ["a", "bb", "ccc"]}, "minItems": 1, "maxItems": 3}}},
+        "active": {"type": "boolean"}}},
+    "optional": {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
+                                                  "note": {"type": "string", "maxLength": 5}},
+                 "required": ["color"], "additionalProperties": False},
+    "array": {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 5}, "minItems": 2,
+              "maxItems": 4},
+    "number": {"type": "object", "properties": {"x": {"type": "number", "minimum": 0, "maximum": 1}},
+               "required": ["x"], "additionalProperties": False},
+}
+PROMPTS = [[5, 6, 7], list(range(10, 40)), [99]]
+ENGINE = dict(device="cpu", dtype="float32", max_model_len=512)
+RUNS = {"plain": {}, "overlap": {"async_scheduling": True}, "chunked": {"max_num_batched_tokens": 8},
+        "preempted": {"num_kv_blocks": 32, "block_size": 8}}  # one request fits, not all at once
+
+
+def constrained(seed: int, n: int = 1, **constraint) -> SamplingParams:  # noqa: ANN003
+    return SamplingParams(temperature=1.0, seed=seed, n=n, max_tokens=200,
+                          structured_outputs=StructuredOutputsParams(disable_any_whitespace=True, **constraint))
+
+
+@pytest.fixture(scope="module", params=["xgrammar", "llguidance"])
+def backend(request: pytest.FixtureRequest) -> str:
+    pytest.importorskip(request.param)
+    return request.param
+
+
+@pytest.fixture(scope="module", params=sorted(RUNS))
+def llm(qwen3_dir: str, backend: str, request: pytest.FixtureRequest) -> Iterator[LLM]:
+    yield LLM(qwen3_dir, structured_outputs_backend=backend, **ENGINE, **RUNS[request.param])
+
+
+def test_every_output_follows_its_schema(llm: LLM) -> None:
+    params = [constrained(seed, n=2, json=schema) for seed, schema in enumerate(SCHEMAS.values())]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(params))]
+    # two long unconstrained requests, so that the small pool preempts
+    fillers = [SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)] * 2
+    outs = llm.generate(prompts + PROMPTS[:2], params + fillers, use_tqdm=False)
+    for out, schema in zip(outs, SCHEMAS.values()):
+        for sample in out.outputs:
+            assert sample.finish_reason == "stop", sample
+            jsonschema.validate(json.loads(sample.text), schema)
+    if llm.engine.config.num_kv_blocks == RUNS["preempted"]["num_kv_blocks"]:
+        assert llm.engine.core.scheduler.num_preemptions > 0
+
+
+def test_regex_choice_grammar_and_any_json_object(llm: LLM) -> None:
+    params = [constrained(1, regex=r"[a-z]{2,5}-\d{2}"), constrained(2, choice=["yes", "no", "not sure"]),
+              constrained(3, grammar='root ::= "(" [0-9]+ ("+" [0-9]+)* ")"'), constrained(4, json_object=True)]
+    regex, choice, grammar, anything = llm.generate([PROMPTS[0]] * 4, params, use_tqdm=False)
+    assert re.fullmatch(r"[a-z]{2,5}-\d{2}", regex.text)
+    assert choice.text in ("yes", "no", "not sure")
+    assert re.fullmatch(r"\(\d+(\+\d+)*\)", grammar.text)
+    assert isinstance(json.loads(anything.text), dict)
+    assert all(o.finish_reason == "stop" for o in (regex, choice, grammar, anything))
+
+
+def test_unconstrained_requests_keep_their_tokens(llm: LLM) -> None:
+    plain = [SamplingParams(temperature=0.8, seed=s, max_tokens=20, ignore_eos=True) for s in range(3)]
+    alone = llm.generate(PROMPTS, plain, use_tqdm=False)
+    mixed = llm.generate(PROMPTS + PROMPTS, plain + [constrained(s, json=SCHEMAS["nested"]) for s in range(3)],
+                         use_tqdm=False)
+    assert [o.token_ids for o in mixed[:3]] == [o.token_ids for o in alone]
+    for out in mixed[3:]:
+        jsonschema.validate(json.loads(out.text), SCHEMAS["nested"])
+
+
+@pytest.mark.parametrize("constraint,field", [
+    ({"json": {"type": "no-such-type"}}, "structured_outputs.json"),
+    ({"regex": "(unclosed"}, "structured_outputs.regex"),
+    ({"grammar": 'root ::= undefined_rule'}, "structured_outputs.grammar"),
+])
+def test_a_bad_constraint_is_a_value_error_naming_it(qwen3_dir: str, backend: str, constraint: dict,
+                                                      field: str) -> None:
+    llm = LLM(qwen3_dir, structured_outputs_backend=backend, num_kv_blocks=16, **ENGINE)
+    with pytest.raises(ValueError, match=re.escape(field)):
+        llm.generate([PROMPTS[0]], SamplingParams(structured_outputs=StructuredOutputsParams(**constraint)),
+                     use_tqdm=False)
+    assert not llm.engine.core.scheduler.requests
+
+
+def test_a_schema_compiles_once(qwen3_dir: str) -> None:
+    llm = LLM(qwen3_dir, num_kv_blocks=32, **ENGINE)
+    params = [constrained(seed, json=SCHEMAS["flat"]) for seed in range(4)]
+    llm.generate([PROMPTS[0]] * 4, params, use_tqdm=False)
+    assert len(llm.engine.core.structured._cache) == 1
