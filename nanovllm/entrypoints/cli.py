@@ -55,6 +55,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "closes")
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="let requests supply their own chat template (it is code the server runs)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='let the model decide to call tools (tool_choice "auto"); needs --tool-call-parser')
+    p.add_argument("--tool-call-parser", choices=["hermes", "llama3_json"], default=None,
+                   help="the model's tool-call format: hermes (Qwen2.5, Qwen3), llama3_json (Llama 3.1, 3.2)")
+    p.add_argument("--reasoning-parser", choices=["qwen3"], default=None,
+                   help="return the model's thinking (<think>...</think>) as reasoning_content")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     add_engine_args(p)

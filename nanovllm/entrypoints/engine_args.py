@@ -4,14 +4,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from nanovllm.config import ATTENTION_BACKENDS, DEVICES, DTYPES, LOAD_FORMATS
+from nanovllm.config import ATTENTION_BACKENDS, DEVICES, DTYPES, LOAD_FORMATS, STRUCTURED_OUTPUTS_BACKENDS
 
 # flag destination -> EngineConfig field (the same name everywhere, which keeps this table honest)
 _ENGINE_FIELDS = (
     "tokenizer", "revision", "dtype", "device", "seed", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
     "block_size", "num_kv_blocks", "gpu_memory_utilization", "cpu_kv_cache_gib", "enforce_eager", "load_format",
     "enable_prefix_caching", "attention_backend", "tensor_parallel_size", "pipeline_parallel_size",
-    "trust_remote_code",
+    "trust_remote_code", "structured_outputs_backend",
 )
 
 
@@ -38,6 +38,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tensor-parallel-size", "-tp", type=int, default=None)
     group.add_argument("--pipeline-parallel-size", "-pp", type=int, default=None)
     group.add_argument("--trust-remote-code", action="store_true", default=None)
+    group.add_argument("--structured-outputs-backend", choices=STRUCTURED_OUTPUTS_BACKENDS, default=None,
+                       help="grammar engine of structured outputs and forced tool calls (default: xgrammar)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

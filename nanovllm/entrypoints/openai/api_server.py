@@ -64,6 +64,9 @@ class ServerSettings:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S
     trust_request_chat_template: bool = False
+    tool_call_parser: str | None = None  # the model's tool-call format (tool_choice "auto")
+    enable_auto_tool_choice: bool = False
+    reasoning_parser: str | None = None
     draining: bool = False
     draining_since: float = field(default=0.0, repr=False)
     exit_code: int = 0
@@ -148,7 +151,8 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
     app.add_middleware(RequestLimits, max_bytes=settings.max_request_bytes, timeout_s=settings.client_timeout_s)
     app.add_middleware(_Gate, settings=settings)  # outermost: refuse before reading a body
     completions = OpenAIServingCompletion(engine, settings.served_model_names)
-    chat = OpenAIServingChat(engine, settings.served_model_names, settings.trust_request_chat_template)
+    chat = OpenAIServingChat(engine, settings.served_model_names, settings.trust_request_chat_template,
+                             settings.tool_call_parser, settings.enable_auto_tool_choice, settings.reasoning_parser)
 
     @app.get("/health", response_class=Response, responses={
         200: {"description": "The engine is running (an empty body)."},
@@ -192,7 +196,7 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
         if (request.prompt is None) == (request.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         if request.messages is not None:
-            tokens = await chat.render_chat(request.messages, request.add_generation_prompt)
+            _, tokens = await chat.render_chat(request.messages, request.add_generation_prompt)
         else:
             try:
                 tokens = await engine.run_in_intake(engine.input_processor.encode, request.prompt,
@@ -249,6 +253,8 @@ def run_server(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> None:
             served_model_names=names, model_root=args.model, api_key=args.api_key,
             shutdown_timeout_s=args.shutdown_timeout, max_request_bytes=args.max_request_bytes,
             client_timeout_s=args.client_timeout, trust_request_chat_template=args.trust_request_chat_template,
+            tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
+            reasoning_parser=args.reasoning_parser,
         )
         app = build_app(engine, settings)
         config = uvicorn.Config(

@@ -25,7 +25,7 @@ KNOWN_FIELDS = frozenset({
     "prompt", "messages", "max_tokens", "max_completion_tokens", "n", "temperature", "top_p", "top_k", "min_p",
     "seed", "stop", "stop_token_ids", "presence_penalty", "frequency_penalty", "repetition_penalty", "ignore_eos",
     "min_tokens", "logprobs", "top_logprobs", "prompt_logprobs", "skip_special_tokens", "tokens", "model",
-    "logit_bias", "allowed_token_ids", "bad_words",
+    "logit_bias", "allowed_token_ids", "bad_words", "structured_outputs",
 })
 
 

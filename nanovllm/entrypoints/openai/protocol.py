@@ -23,15 +23,8 @@ TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
 UNSUPPORTED = {
     "best_of": "best_of is not supported (samples are not ranked); leave it out or equal to n",
     "suffix": "suffix is not supported (no fill-in-the-middle)",
-    "response_format": "response_format other than {\"type\": \"text\"} is not supported yet",
-    "tools": "tools are not supported yet",
-    "tool_choice": "tool_choice is not supported yet",
-    "parallel_tool_calls": "parallel_tool_calls is not supported yet (no tools)",
     "functions": "functions (the older form of tools) are not supported",
     "function_call": "function_call (the older form of tool_choice) is not supported",
-    "structured_outputs": "structured_outputs are not supported yet",
-    "guided_json": "guided_json is not supported yet", "guided_regex": "guided_regex is not supported yet",
-    "guided_choice": "guided_choice is not supported yet", "guided_grammar": "guided_grammar is not supported yet",
 }
 
 
@@ -91,6 +84,18 @@ class UsageInfo(ResponseModel):
     total_tokens: int = 0
 
 
+class JsonSchemaFormat(RequestModel):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # OpenAI's: the schema is followed exactly, which a grammar always does
+
+
+class ResponseFormat(RequestModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingFields(RequestModel):
     """The sampling settings both endpoints take (OpenAI's names plus vLLM's extensions)."""
 
@@ -115,13 +120,13 @@ class SamplingFields(RequestModel):
     logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias in [-100, 100]
     allowed_token_ids: list[StrictInt] | None = None
     bad_words: list[str] | None = None
-    # in UNSUPPORTED (a 400 naming them when set)
-    response_format: Any = None
-    structured_outputs: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs, and vLLM's older guided_* aliases
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 # ---- /v1/completions ----------------------------------------------------------------------------------------------
@@ -176,10 +181,45 @@ class ContentPart(RequestModel):
     text: str | None = None
 
 
+class FunctionCall(RequestModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class AssistantToolCall(RequestModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(RequestModel):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a role "tool" message: the call it answers
+    reasoning_content: str | None = None  # an assistant turn's thinking (templates such as Qwen3's read it)
+
+
+class FunctionDefinition(RequestModel):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None  # OpenAI's: forced calls follow the schema exactly, which a grammar always does
+
+
+class ChatTool(RequestModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(RequestModel):
+    name: str
+
+
+class NamedToolChoice(RequestModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -193,10 +233,10 @@ class ChatCompletionRequest(SamplingFields):
     # --trust-request-chat-template, as it is code the server runs
     chat_template_kwargs: dict[str, Any] | None = None
     chat_template: str | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     # in UNSUPPORTED
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
     functions: Any = None
     function_call: Any = None
 
@@ -215,9 +255,22 @@ class ChatLogProbs(ResponseModel):
     content: list[ChatLogProbsContent] | None = None
 
 
+class ToolCallFunction(ResponseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(ResponseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatResponseMessage(ResponseModel):
     role: str = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallOut] = Field(default_factory=list)
 
 
 class ChatCompletionChoice(ResponseModel):
@@ -237,9 +290,23 @@ class ChatCompletionResponse(ResponseModel):
     usage: UsageInfo
 
 
+class DeltaFunction(ResponseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(ResponseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
+
+
 class DeltaMessage(ResponseModel):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionStreamChoice(ResponseModel):

@@ -13,7 +13,7 @@ from nanovllm.engine.input_processor import Prompt
 from nanovllm.entrypoints.openai.errors import APIError, bad_request, error_body
 from nanovllm.entrypoints.openai.protocol import UNSUPPORTED, RequestModel, SamplingFields
 from nanovllm.outputs import RequestOutput
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.sampling_params import SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,34 @@ class OpenAIServing:
                            param="model", code="model_not_found")
 
     @staticmethod
+    def structured_outputs(req: SamplingFields) -> tuple[StructuredOutputsParams | None, str | None]:
+        """The one constraint a request sets, and the field that set it (more than one is a 400 naming them)."""
+        given: dict[str, dict[str, Any]] = {}
+        if req.response_format is not None and req.response_format.type != "text":
+            if req.response_format.type == "json_object":
+                given["response_format"] = {"json_object": True}
+            elif req.response_format.json_schema is None or req.response_format.json_schema.schema_ is None:
+                raise APIError(400, "response_format of type json_schema needs json_schema.schema",
+                               param="response_format")
+            else:
+                given["response_format"] = {"json": req.response_format.json_schema.schema_}
+        if req.structured_outputs is not None:
+            given["structured_outputs"] = req.structured_outputs
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                          ("guided_grammar", "grammar")):
+            if getattr(req, name) is not None:
+                given[name] = {key: getattr(req, name)}
+        if len(given) > 1:
+            raise APIError(400, f"give one output constraint, not {sorted(given)}", param=sorted(given)[1])
+        if not given:
+            return None, None
+        (field, spec), = given.items()
+        try:
+            return StructuredOutputsParams(**spec), field
+        except (TypeError, ValueError) as exc:
+            raise APIError(400, f"{field}: {exc}", param=field) from None
+
+    @staticmethod
     def reject_unsupported(req: RequestModel) -> None:
         """A field this server does not implement, set to anything but its no-op value, is a 400 naming it."""
         for name, message in UNSUPPORTED.items():
@@ -60,9 +88,13 @@ class OpenAIServing:
         self, req: SamplingFields, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
         renames: dict[str, str] | None = None,
     ) -> SamplingParams:
-        """Build and validate ``SamplingParams``; a bad value is a 400 naming the request's field."""
+        """Build and validate ``SamplingParams``; a bad value is a 400 naming the request's field. ``renames``
+        (request field of each engine field, where they differ) gains the spelling of the output constraint."""
         if not 1 <= req.n <= MAX_N:
             raise APIError(400, f"n must be an integer in [1, {MAX_N}], got {req.n}", param="n")
+        structured, spelling = self.structured_outputs(req)
+        if spelling is not None and renames is not None:
+            renames["structured_outputs"] = spelling
         logit_bias = None
         if req.logit_bias is not None:
             try:
@@ -87,6 +119,7 @@ class OpenAIServing:
                 logit_bias=logit_bias,
                 allowed_token_ids=req.allowed_token_ids,
                 bad_words=req.bad_words,
+                structured_outputs=structured,
                 ignore_eos=req.ignore_eos,
                 skip_special_tokens=req.skip_special_tokens,
                 presence_penalty=req.presence_penalty,

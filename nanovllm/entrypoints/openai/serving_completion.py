@@ -50,9 +50,11 @@ class OpenAIServingCompletion(OpenAIServing):
         self.reject_unsupported(req)
         prompts = self._prompts(req.prompt)
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
-        params = self.sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs)
+        renames: dict[str, str] = {}
+        params = self.sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs, renames)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        outputs = await self.add_requests(request_id, prompts, params, stream=req.stream, user=req.user)
+        outputs = await self.add_requests(request_id, prompts, params, stream=req.stream, renames=renames,
+                                          user=req.user)
         if req.stream:
             return StreamingResponse(self._stream(req, request_id, outputs, params), media_type="text/event-stream")
         finals: list[RequestOutput | None] = [None] * len(outputs)
