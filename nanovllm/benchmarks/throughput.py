@@ -37,6 +37,26 @@ class Workload:
     max_tokens: list[int]
 
 
+# an open-ended list of records: a grammar with string, integer and enum states that a random model rarely closes
+BENCH_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["records"], "properties": {
+    "records": {"type": "array", "items": {"type": "object", "additionalProperties": False,
+                                           "required": ["id", "name", "kind"], "properties": {
+                                               "id": {"type": "integer", "minimum": 0, "maximum": 99999},
+                                               "name": {"type": "string", "maxLength": 24},
+                                               "kind": {"enum": ["alpha", "beta", "gamma"]}}}}}}
+
+
+def _constrain(params: list[SamplingParams], fraction: float) -> None:
+    """Every ``1 / fraction``-th request follows ``BENCH_SCHEMA`` (the others are unchanged)."""
+    if fraction <= 0:
+        return
+    from nanovllm.sampling_params import StructuredOutputsParams
+
+    every = max(1, round(1 / fraction))
+    for i in range(0, len(params), every):
+        params[i].structured_outputs = StructuredOutputsParams(json=BENCH_SCHEMA)
+
+
 def nano_vllm_workload(num_prompts: int, input_range: tuple[int, int], output_range: tuple[int, int]) -> Workload:
     """Drawn in the original order: every prompt first, then every output length."""
     random.seed(0)
@@ -72,6 +92,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="run the timed generate under the torch profiler; print the top ops, write a trace to DIR "
                              "(use a short workload, e.g. --input-len 512 --output-len 32)")
+    parser.add_argument("--structured-fraction", type=float, default=0.0,
+                        help="this share of the requests (every k-th) carries a JSON schema (structured outputs; "
+                             "needs a tokenizer, e.g. --tokenizer DIR with dummy weights)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     parser.add_argument("--output-json", default=None, help="write the figures to this file")
     parser.add_argument("--step-log", default=None, metavar="FILE",
                         help="write every step's wall and host time and batch to this JSON file")
@@ -99,13 +123,18 @@ def main(args: argparse.Namespace) -> dict:
     )
     if args.max_num_batched_tokens:
         engine_args["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.tokenizer:
+        engine_args["tokenizer"] = args.tokenizer
     # the peer runs first, on a GPU nothing else holds yet (after our engine, its memory would still be cached)
     peer = _run_peer(model, workload, args.temperature, device) if args.compare_hf else None
     llm = LLM(model, **engine_args)
     _fold_into_vocabulary(workload, llm.engine.config.hf_config.vocab_size)
     params = [SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=n) for n in workload.max_tokens]
+    _constrain(params, args.structured_fraction)
 
-    llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=16), use_tqdm=False)  # warm-up
+    warm_up = SamplingParams(max_tokens=16)
+    _constrain([warm_up], args.structured_fraction)  # (the tokenizer's grammar tables and the schema, built once)
+    llm.generate([[1, 2, 3, 4]], warm_up, use_tqdm=False)
     stats_before = llm.stats()
     recorder, jit, collections = StepRecorder(llm.engine.core), JitWatch(), GcWatch()
     allocator_before = _allocator_counts(device)
@@ -144,6 +173,11 @@ def main(args: argparse.Namespace) -> dict:
         "compiles_during_run": jit.describe(),
         "gc_during_run": collections.describe(),
     }
+    constrained = [o for o, p in zip(outputs, params) if p.structured_outputs is not None]
+    if constrained:
+        result["structured"] = {"requests": len(constrained),
+                                "output_tokens": sum(len(o.token_ids) for o in constrained),
+                                "ended_by_grammar": sum(o.finish_reason == "stop" for o in constrained)}
     if device == "cuda":  # the caching allocator's slow paths: cudaMalloc, and free-everything-and-retry (a sync)
         result["allocator_during_run"] = {k: allocator_after[k] - allocator_before[k] for k in allocator_after}
     if device == "cuda":
@@ -224,6 +258,7 @@ def _print(result: dict) -> None:
         f"({result['mean_step_ms']:.2f} ms/step, host {result['mean_host_ms_per_step']:.2f} ms/step)",
         f"throughput        {result['output_tok_per_s']:,.0f} output tok/s, {result['total_tok_per_s']:,.0f} total tok/s",
         f"compiled in run   {result['compiles_during_run']}",
+        *([f"structured        {result['structured']}"] if "structured" in result else []),
         f"gc in run         {result['gc_during_run']}",
     ]
     if "allocator_during_run" in result:

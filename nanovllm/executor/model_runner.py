@@ -282,7 +282,8 @@ class ModelRunner:
         the bitmask (after the previous step's tokens came back) while the device ran it."""
         assert step.unsampled is not None, "this step was sampled at launch"
         (logits, sampling), step.unsampled = step.unsampled, None
-        sampling.grammar_bitmask = host_to_device(torch.from_numpy(grammar_bitmask), self.device)
+        # through the stager's reused pinned buffers: a fresh pinned allocation could wait for the device
+        sampling.grammar_bitmask = self.stager.transfer({"bitmask": grammar_bitmask})["bitmask"]
         self._sample(step, logits, sampling, copy_results=True)
         self._record(step)
 
