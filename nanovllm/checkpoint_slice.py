@@ -35,7 +35,7 @@ class CheckpointSlice:
 
     def materialize(self) -> torch.Tensor:
         if self._full is None:
-            self._full = self._lazy[:]
+            self._full = self._lazy[...]  # (``[:]`` fails on a 0-dim tensor, a scalar scale)
         return self._full
 
     def __getattr__(self, name: str) -> Any:  # tensor methods and attributes (dtype, t, view, ...)

@@ -10,6 +10,7 @@ DEVICES = ("auto", "cuda", "cpu")
 LOAD_FORMATS = ("auto", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 STRUCTURED_OUTPUTS_BACKENDS = ("xgrammar", "llguidance")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
 @dataclass
@@ -38,6 +39,10 @@ class EngineConfig:
     revision: str | None = None
     trust_remote_code: bool = False
     structured_outputs_backend: str = "xgrammar"  # the grammar engine of structured outputs
+    # "auto": the model's dtype; "fp8" (= "fp8_e4m3") or "fp8_e5m2" halve the KV bytes per token
+    kv_cache_dtype: str = "auto"
+    # FP8 KV scales measured on the first prefill instead of the checkpoint's (or 1.0)
+    calculate_kv_scales: bool = False
     # filled in by the engine once the model config is read
     hf_config: Any = field(default=None, repr=False)
 
@@ -47,6 +52,9 @@ class EngineConfig:
         _check_choice("load_format", self.load_format, LOAD_FORMATS)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _check_choice("structured_outputs_backend", self.structured_outputs_backend, STRUCTURED_OUTPUTS_BACKENDS)
+        _check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        if self.calculate_kv_scales and self.kv_cache_dtype == "auto":
+            raise ValueError("calculate_kv_scales needs an FP8 kv_cache_dtype ('fp8', 'fp8_e4m3' or 'fp8_e5m2')")
         _check_int("max_num_seqs", self.max_num_seqs, minimum=1)
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, minimum=1)
         _check_int("block_size", self.block_size, minimum=1)

@@ -4,14 +4,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from nanovllm.config import ATTENTION_BACKENDS, DEVICES, DTYPES, LOAD_FORMATS, STRUCTURED_OUTPUTS_BACKENDS
+from nanovllm.config import (
+    ATTENTION_BACKENDS, DEVICES, DTYPES, KV_CACHE_DTYPES, LOAD_FORMATS, STRUCTURED_OUTPUTS_BACKENDS,
+)
 
 # flag destination -> EngineConfig field (the same name everywhere, which keeps this table honest)
 _ENGINE_FIELDS = (
     "tokenizer", "revision", "dtype", "device", "seed", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
     "block_size", "num_kv_blocks", "gpu_memory_utilization", "cpu_kv_cache_gib", "enforce_eager", "load_format",
     "enable_prefix_caching", "attention_backend", "tensor_parallel_size", "pipeline_parallel_size",
-    "trust_remote_code", "structured_outputs_backend",
+    "trust_remote_code", "structured_outputs_backend", "kv_cache_dtype", "calculate_kv_scales",
 )
 
 
@@ -40,6 +42,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trust-remote-code", action="store_true", default=None)
     group.add_argument("--structured-outputs-backend", choices=STRUCTURED_OUTPUTS_BACKENDS, default=None,
                        help="grammar engine of structured outputs and forced tool calls (default: xgrammar)")
+    group.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
+                       help="KV cache dtype: auto (the model's) or FP8, twice the tokens in the same memory")
+    group.add_argument("--calculate-kv-scales", action="store_true", default=None,
+                       help="measure the FP8 KV scales on the first prefill (default: the checkpoint's, or 1.0)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from nanovllm.executor.input_batch import ForwardBatch, HostBatch, host_to_devic
 from nanovllm.executor.staging import HostStager
 from nanovllm.layers.attention import make_attention_backend
 from nanovllm.layers.attention.context import set_forward_context
+from nanovllm.layers.attention.kv_quant import is_fp8, kv_cache_torch_dtype
 from nanovllm.layers.attention.layer import Attention
 from nanovllm.layers.sampler import Sampler, top_logprobs
 from nanovllm.loader import init_dummy_weights, load_weights
@@ -61,6 +62,7 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         self.device_type = self.device.type
         self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
+        self.kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
         self.block_size = config.block_size
         self.vocab_size = hf_config.vocab_size
         if self.device.type == "cuda":
@@ -76,12 +78,14 @@ class ModelRunner:
                 self.model = model_class(hf_config, self.fast_path)
         finally:
             torch.set_default_dtype(default_dtype)
+        num_kv_scales = 0
         if config.load_format == "dummy":
             init_dummy_weights(self.model, config.seed)
         else:
-            load_weights(self.model, model_path)
+            num_kv_scales = load_weights(self.model, model_path)
         self.model.eval()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self._choose_kv_scales(num_kv_scales)
         self.backend = make_attention_backend(
             config.attention_backend, self.device, self.attention_layers[0], config
         )
@@ -104,9 +108,9 @@ class ModelRunner:
             self._compile_decode_kernels()
         pool_tokens = self.num_kv_blocks * self.block_size
         logger.info(
-            "model %s on %s in %s, attention backend %s; KV pool: %d pages of %d tokens = %d tokens, "
+            "model %s on %s in %s, attention backend %s; KV pool (%s): %d pages of %d tokens = %d tokens, "
             "%.1f requests of max_model_len %d at once",
-            type(self.model).__name__, self.device, self.dtype, self.backend.name, self.num_kv_blocks,
+            type(self.model).__name__, self.device, self.dtype, self.backend.name, self.kv_dtype, self.num_kv_blocks,
             self.block_size, pool_tokens, pool_tokens / config.max_model_len, config.max_model_len,
         )
 
@@ -121,9 +125,27 @@ class ModelRunner:
 
     # ---- the KV pool ------------------------------------------------------------------------------------------
 
+    def _choose_kv_scales(self, num_from_checkpoint: int) -> None:
+        """An FP8 cache's scales: the checkpoint's, else 1.0, unless measured on the first prefill. The measurement
+        is armed here, before any warm-up or graph capture runs a forward, and happens on the first real prefill."""
+        if not is_fp8(self.kv_dtype):
+            for layer in self.attention_layers:  # unused by a cache in the model's dtype; reset for clarity
+                layer.k_scale.fill_(1.0)
+                layer.v_scale.fill_(1.0)
+            return
+        if self.config.calculate_kv_scales:
+            for layer in self.attention_layers:
+                layer.calibrate_kv_scales()
+            source = "measured on the first prefill (calculate_kv_scales)"
+        elif num_from_checkpoint:
+            source = f"from the checkpoint ({num_from_checkpoint} tensors)"
+        else:
+            source = "1.0 (the checkpoint has none; calculate_kv_scales measures them)"
+        logger.info("KV cache in %s, K/V scales %s", self.config.kv_cache_dtype, source)
+
     def page_bytes(self) -> int:
         layer = self.attention_layers[0]
-        per_token = 2 * layer.num_kv_heads * layer.head_dim * self.dtype.itemsize
+        per_token = 2 * layer.num_kv_heads * layer.head_dim * self.kv_dtype.itemsize
         return per_token * self.block_size * len(self.attention_layers)
 
     def _size_kv_pool(self) -> int:
@@ -219,7 +241,7 @@ class ModelRunner:
     def _allocate_kv_pool(self, num_pages: int) -> None:
         layer = self.attention_layers[0]
         shape = (2, len(self.attention_layers), num_pages, self.block_size, layer.num_kv_heads, layer.head_dim)
-        self.kv_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_pool = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         for i, attention in enumerate(self.attention_layers):
             attention.k_cache = self.kv_pool[0, i]
             attention.v_cache = self.kv_pool[1, i]
@@ -228,7 +250,8 @@ class ModelRunner:
         if copies:
             src = host_to_device(torch.tensor([s for s, _ in copies]), self.device)
             dst = host_to_device(torch.tensor([d for _, d in copies]), self.device)
-            self.kv_pool[:, :, dst] = self.kv_pool[:, :, src]
+            pool = self.kv_pool.view(torch.uint8) if is_fp8(self.kv_dtype) else self.kv_pool  # no FP8 index_put
+            pool[:, :, dst] = pool[:, :, src]
 
     def release_graphs(self) -> None:
         """Drop the CUDA graphs (decode runs eagerly afterwards); see ``CUDAGraphRunner.release``."""

@@ -7,7 +7,8 @@ asked), rotates them (rotate-half layout) and writes them back where they were, 
 qkv projection's output.
 
 Given a ``KVWrite``, the same program also writes the token's rotated k and its v into the paged KV cache (the
-work of ``kernels/kv_write.py`` otherwise): one kernel fewer per layer, and k is stored from registers.
+work of ``kernels/kv_write.py`` otherwise, FP8 quantization included): one kernel fewer per layer, and k is stored
+from registers.
 
 Rounding follows the torch reference: the normalised head is rounded to the activation dtype before the weight
 multiplies it, and the rotation is computed in fp32 and rounded once.
@@ -19,6 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 import triton
 import triton.language as tl
+
+from nanovllm.kernels.kv_write import fp8_max, scaled_for_cache
 
 if TYPE_CHECKING:
     from nanovllm.layers.attention.metadata import KVWrite
@@ -49,9 +52,11 @@ def _norm_rope_heads(x_ptr, stride_h, h, h_mask, w_ptr, cos, sin, half, eps,
 def _norm_rope_kernel(
     q_ptr, k_ptr, positions_ptr, cos_sin_ptr, q_weight_ptr, k_weight_ptr, eps,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
-    v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_vt, stride_vh, stride_page, stride_slot, stride_head,
+    v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr,
+    stride_vt, stride_vh, stride_page, stride_slot, stride_head,
     NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, Q_PAD: tl.constexpr, K_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, NORM: tl.constexpr, WRITE_KV: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    FP8_MAX: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + t).to(tl.int64)
@@ -70,10 +75,12 @@ def _norm_rope_kernel(
         mask = (hk[:, None] < NUM_K_HEADS) & (slot >= 0)
         cache_offsets = (slot // PAGE_SIZE) * stride_page + (slot % PAGE_SIZE) * stride_slot + hk[:, None] * stride_head
         k_dst = k_cache_ptr + cache_offsets + half[None, :]
-        tl.store(k_dst, k1.to(k_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(k_dst + HEAD_DIM // 2, k2.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        cache_dtype = k_cache_ptr.dtype.element_ty
+        tl.store(k_dst, scaled_for_cache(k1, k_scale_ptr, FP8_MAX).to(cache_dtype), mask=mask)
+        tl.store(k_dst + HEAD_DIM // 2, scaled_for_cache(k2, k_scale_ptr, FP8_MAX).to(cache_dtype), mask=mask)
         d = tl.arange(0, HEAD_DIM)
         v = tl.load(v_ptr + t * stride_vt + hk[:, None] * stride_vh + d[None, :], mask=mask)
+        v = scaled_for_cache(v, v_scale_ptr, FP8_MAX)
         tl.store(v_cache_ptr + cache_offsets + d[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
@@ -109,15 +116,18 @@ def norm_rope_(
         assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
         assert k_cache.shape[2:] == (num_k_heads, head_dim) and k_cache.stride(3) == 1
         v_strides, cache_strides, page_size = (v.stride(0), v.stride(1)), k_cache.stride()[:3], k_cache.shape[1]
+        fp8 = fp8_max(k_cache.dtype)
+        assert not fp8 or (kv_write.k_scale is not None and kv_write.v_scale is not None), "FP8 needs its scales"
+        k_scale, v_scale = (kv_write.k_scale, kv_write.v_scale) if fp8 else (k, k)
     else:  # unused: any tensor fills the pointer slots
-        v, k_cache, v_cache, slots = k, k, k, positions
-        v_strides, cache_strides, page_size = (0, 0), (0, 0, 0), 1
+        v, k_cache, v_cache, slots, k_scale, v_scale = k, k, k, positions, k, k
+        v_strides, cache_strides, page_size, fp8 = (0, 0), (0, 0, 0), 1, 0.0
     _norm_rope_kernel[(num_tokens,)](
         q, k, positions, cos_sin_cache, q_weight if norm else q, k_weight if norm else k, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
-        v, k_cache, v_cache, slots, *v_strides, *cache_strides,
+        v, k_cache, v_cache, slots, k_scale, v_scale, *v_strides, *cache_strides,
         NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=num_k_heads, Q_PAD=triton.next_power_of_2(num_q_heads),
         K_PAD=triton.next_power_of_2(num_k_heads), HEAD_DIM=head_dim, NORM=norm, WRITE_KV=kv_write is not None,
-        PAGE_SIZE=page_size, num_warps=4,
+        PAGE_SIZE=page_size, FP8_MAX=fp8, num_warps=4,
     )
     return q, k

@@ -8,6 +8,10 @@ Each split writes a normalised partial output and its log2-sum-exp; a second ker
 With one split the first kernel writes the final output directly. ``num_splits`` is a launch constant,
 so the grid and workspaces depend only on shapes and the launch replays under CUDA graphs.
 
+An FP8 cache (``KV_FP8``) is read as it is stored, half the bytes of bf16, and widened to the query's dtype in
+registers; the K scale folds into the softmax scale and the V scale into the final normalisation, so no dequantized
+copy of the cache exists anywhere.
+
 The GPU starts programs roughly in grid order, and a batch's contexts differ by 10x or more: started in batch
 order, a few long sequences can be the last programs running on an otherwise idle GPU. An optional ``order``
 (the rows longest first, made on the host) starts the longest first, so the short ones fill in the tail (within
@@ -25,6 +29,10 @@ import triton.language as tl
 from nanovllm.kernels import INTERPRET
 
 LOG2E = math.log2(math.e)
+
+
+def is_fp8_cache(cache: torch.Tensor) -> bool:
+    return cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @triton.jit
@@ -51,7 +59,7 @@ def _decode_tile(
     q, m_i, l_i, acc, tile, end, bt_row, stride_btp, k_base, v_base,
     stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd, qk_scale,
     GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    INTERP: tl.constexpr,
+    INTERP: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """One online-softmax step of a GQA group over KV tokens ``[tile, tile + BLOCK_N) & < end``."""
     t = tile + tl.arange(0, BLOCK_N)
@@ -59,6 +67,8 @@ def _decode_tile(
     t_mask = t < end
     k_off = _kv_tile_offsets(bt_row, stride_btp, t, t_mask, PAGE_SIZE, stride_kp, stride_ks)
     k = tl.load(k_base + k_off[:, None] + d[None, :] * stride_kd, mask=t_mask[:, None], other=0.0)
+    if KV_FP8:
+        k = k.to(q.dtype)
     s = _mma(q, tl.trans(k), tl.zeros([GROUP_PAD, BLOCK_N], tl.float32), INTERP) * qk_scale
     s = tl.where(t_mask[None, :], s, float("-inf"))
     # every tile holds >= 1 valid token, so m_new is finite and alpha never sees inf - inf
@@ -68,6 +78,8 @@ def _decode_tile(
     l_i = l_i * alpha + tl.sum(p, 1)
     v_off = _kv_tile_offsets(bt_row, stride_btp, t, t_mask, PAGE_SIZE, stride_vp, stride_vs)
     v = tl.load(v_base + v_off[:, None] + d[None, :] * stride_vd, mask=t_mask[:, None], other=0.0)
+    if KV_FP8:
+        v = v.to(q.dtype)
     acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], INTERP)
     return m_new, l_i, acc
 
@@ -75,7 +87,7 @@ def _decode_tile(
 @triton.jit(do_not_specialize=["stride_btb"])  # the block table's width changes from step to step
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, order_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr, k_scale_ptr, v_scale_ptr,
     qk_scale,  # softmax scale * log2(e)
     stride_qb, stride_qh, stride_qd,
     stride_kp, stride_ks, stride_kh, stride_kd,
@@ -86,7 +98,7 @@ def _paged_decode_kernel(
     stride_lb, stride_lh, stride_ls,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_ORDER: tl.constexpr,
-    INTERP: tl.constexpr,
+    INTERP: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     b = tl.program_id(1)
@@ -105,6 +117,8 @@ def _paged_decode_kernel(
     g_mask = g < GROUP
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
                 mask=g_mask[:, None], other=0.0)
+    if KV_FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -120,18 +134,20 @@ def _paged_decode_kernel(
             m_i, l_i, acc = _decode_tile(
                 q, m_i, l_i, acc, tile, end, bt_row, stride_btp, k_base, v_base,
                 stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd, qk_scale,
-                GROUP_PAD, BLOCK_N, HEAD_DIM, PAGE_SIZE, INTERP)
+                GROUP_PAD, BLOCK_N, HEAD_DIM, PAGE_SIZE, INTERP, KV_FP8)
             tile += BLOCK_N
     else:
         for tile in range(start, end, BLOCK_N):
             m_i, l_i, acc = _decode_tile(
                 q, m_i, l_i, acc, tile, end, bt_row, stride_btp, k_base, v_base,
                 stride_kp, stride_ks, stride_kd, stride_vp, stride_vs, stride_vd, qk_scale,
-                GROUP_PAD, BLOCK_N, HEAD_DIM, PAGE_SIZE, INTERP)
+                GROUP_PAD, BLOCK_N, HEAD_DIM, PAGE_SIZE, INTERP, KV_FP8)
 
     # l_i == 0 only for an empty split (or seq_len == 0 padding rows): emit zeros / -inf, never NaN
     nonempty = l_i > 0
     o = tl.where(nonempty[:, None], acc / tl.where(nonempty, l_i, 1.0)[:, None], 0.0)
+    if KV_FP8:
+        o = o * tl.load(v_scale_ptr)
     if NUM_SPLITS == 1:
         out = out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :] * stride_od
         tl.store(out, o.to(out.dtype.element_ty), mask=g_mask[:, None])
@@ -193,9 +209,12 @@ def paged_decode(
     num_warps: int = 4,
     num_stages: int = 2,
     order: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of ``q [B, Hq, D]`` (one token per sequence) over each sequence's paged KV.
 
+    An FP8 cache (float8_e4m3fn or float8_e5m2) needs its ``k_scale``/``v_scale`` (``[1]`` float32, on the device).
     ``block_tables [B, P]`` int32 page ids, ``seq_lens [B]`` int32 KV lengths (0 gives a zero row).
     ``order [B]`` int32, a permutation of the rows: the order in which their programs start (longest first
     balances the SMs); the output is the same whatever it is.
@@ -213,6 +232,8 @@ def paged_decode(
     assert order is None or order.shape == (batch,)
     assert batch <= 65535, "the batch is the grid's second axis, which CUDA limits to 65,535"
     assert num_splits >= 1
+    kv_fp8 = is_fp8_cache(k_cache)
+    assert not kv_fp8 or (k_scale is not None and v_scale is not None), "an FP8 cache needs its scales"
     if out is None:
         out = torch.empty_like(q)
     if batch == 0:
@@ -236,13 +257,13 @@ def paged_decode(
 
     _paged_decode_kernel[(num_kv_heads, batch, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, order if order is not None else seq_lens,
-        out, part_out, part_lse,
+        out, part_out, part_lse, k_scale if kv_fp8 else seq_lens, v_scale if kv_fp8 else seq_lens,
         scale * LOG2E,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_tables.stride(), *out.stride(),
         *po_strides, *lse_strides,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         PAGE_SIZE=page_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, HAS_ORDER=order is not None,
-        INTERP=INTERPRET,
+        INTERP=INTERPRET, KV_FP8=kv_fp8,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from nanovllm.checkpoint_slice import CheckpointSlice
+from nanovllm.loader.kv_scales import load_kv_scale
 from nanovllm.loader.source import is_gguf
 
 logger = logging.getLogger(__name__)
@@ -81,14 +82,19 @@ def map_weight_name(model: nn.Module, name: str) -> tuple[str, object]:
     return name, None
 
 
-def load_weights(model: nn.Module, path: str) -> None:
+def load_weights(model: nn.Module, path: str) -> int:
+    """Every checkpoint tensor into its parameter; returns how many FP8 KV-cache scales the checkpoint had."""
     params = dict(model.named_parameters())
     skip = set(getattr(model, "skip_weights", ()))
     if getattr(model, "tie_word_embeddings", False):
         skip.add("lm_head.weight")
     loaded: set[str] = set()
+    num_kv_scales = 0
     for name, tensor in iter_checkpoint(path, model.config):
         if name in skip or "rotary_emb.inv_freq" in name:
+            continue
+        if load_kv_scale(model, name, tensor):
+            num_kv_scales += 1
             continue
         param_name, shard_id = map_weight_name(model, name)
         if hasattr(model, "map_expert_weight"):  # MoE: one checkpoint tensor per expert into stacked weights
@@ -104,6 +110,7 @@ def load_weights(model: nn.Module, path: str) -> None:
     missing = sorted(set(params) - loaded - {"lm_head.weight"} - skip)
     if missing:
         raise ValueError(f"checkpoint at {path} lacks weights for {missing[:10]}{'...' if len(missing) > 10 else ''}")
+    return num_kv_scales
 
 
 @torch.no_grad()

@@ -5,7 +5,8 @@ The model runner flattens a scheduled batch into one token stream: request ``i``
 (``block_tables[i]``). Its new tokens sit at the end of that KV, so query row ``j`` of request ``i`` is at
 position ``seq_lens[i] - query_len_i + j`` and attends causally to KV positions ``<= `` that.
 
-KV cache layout, per layer: ``k_cache`` and ``v_cache`` are ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+KV cache layout, per layer: ``k_cache`` and ``v_cache`` are ``[num_blocks, block_size, num_kv_heads, head_dim]``, in
+the model's dtype or FP8 (``kv_quant.py``).
 Token ``t`` of a request lives in page ``block_tables[i, t // block_size]`` at offset ``t % block_size``; its flat
 slot is ``page * block_size + offset`` (``slot_mapping`` gives it for every new token, -1 for padding rows).
 """
@@ -19,12 +20,15 @@ import torch
 @dataclass
 class KVWrite:
     """Where a layer's new K/V go: ``v [num_tokens, num_kv_heads, head_dim]`` (k travels beside it), the layer's
-    caches, and each token's flat slot (``-1``: a padding row, not written)."""
+    caches, each token's flat slot (``-1``: a padding row, not written), and the layer's K and V scales (``[1]``
+    float32, what an FP8 cache divides by; unused by other caches)."""
 
     v: torch.Tensor
     k_cache: torch.Tensor
     v_cache: torch.Tensor
     slot_mapping: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
 
 
 @dataclass

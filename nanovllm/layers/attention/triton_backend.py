@@ -80,18 +80,21 @@ class TritonAttentionBackend(AttentionBackend):
         return max(1, min(self.max_num_splits, triton.next_power_of_2(want)))
 
     def store_kv(
-        self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+        self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+        k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
     ) -> None:
-        store_kv(k, v, k_cache, v_cache, slot_mapping)
+        store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
     def attend(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+        k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if meta.is_decode_only:
             batch = q.shape[0]
             num_splits = self.num_splits_for(batch)
             workspace = self.workspace if batch <= self.max_num_seqs else None  # fallback allocates
             return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                                num_splits=num_splits, workspace=workspace, order=meta.decode_order)
+                                num_splits=num_splits, workspace=workspace, order=meta.decode_order,
+                                k_scale=k_scale, v_scale=v_scale)
         return paged_prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                             meta.query_start_loc, scale)
+                             meta.query_start_loc, scale, k_scale=k_scale, v_scale=v_scale)
