@@ -1,17 +1,21 @@
 """/metrics: vLLM's series under ``nanovllm:`` and ``vllm:``, their values against independent counts (what was sent,
-what the responses say), and the HTTP and process series."""
+what the responses say), the HTTP and process series, and the Grafana dashboard in examples/ reading only series a
+live server exports."""
 from __future__ import annotations
 
 import json
+import re
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import psutil
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server_helpers import ServerProcess, startup_limit_s
+from server_helpers import REPO_ROOT, ServerProcess, parse_metrics, startup_limit_s
 
 from nanovllm.engine.messages import EngineCoreOutput, EngineRequest
 from nanovllm.engine.serving_stats import FinishedRequestStats, FrontendStats, IterationStats, RequestTimings
@@ -19,9 +23,62 @@ from nanovllm.entrypoints.openai.metric_series import RequestMetrics, buckets_1_
 from nanovllm.entrypoints.openai.metrics import VllmAliases
 from nanovllm.sampling_params import SamplingParams
 
+DASHBOARD = Path(REPO_ROOT) / "examples" / "grafana" / "nanovllm-dashboard.json"
 MODEL = "tiny"
 BLOCK_SIZE = 16
 NUM_KV_BLOCKS = 24  # 384 tokens: four concurrent requests of ~170 tokens do not fit, so some are preempted
+
+# The series vLLM's example Grafana dashboard (examples/online_serving/prometheus_grafana/grafana.json) queries.
+VLLM_DASHBOARD_SERIES = (
+    "vllm:e2e_request_latency_seconds_bucket", "vllm:e2e_request_latency_seconds_sum",
+    "vllm:e2e_request_latency_seconds_count", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+    "vllm:time_per_output_token_seconds_bucket", "vllm:time_per_output_token_seconds_sum",
+    "vllm:time_per_output_token_seconds_count", "vllm:num_requests_running", "vllm:num_requests_waiting",
+    "vllm:time_to_first_token_seconds_bucket", "vllm:time_to_first_token_seconds_sum",
+    "vllm:time_to_first_token_seconds_count", "vllm:gpu_cache_usage_perc", "vllm:request_prompt_tokens_bucket",
+    "vllm:request_generation_tokens_bucket", "vllm:request_success_total", "vllm:request_queue_time_seconds_sum",
+    "vllm:request_prefill_time_seconds_sum", "vllm:request_decode_time_seconds_sum",
+    "vllm:request_max_num_generation_tokens_sum",
+)
+
+
+# ---- PromQL: the metric names an expression reads -------------------------------------------------------------------
+
+_PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
+                    "offset"}
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names in a PromQL expression (or a Grafana ``label_values(...)`` query)."""
+    expr = re.sub(r"label_values\((.*),\s*\w+\s*\)", r"\1", expr)  # its last argument is a label
+    expr = re.sub(r'"(?:\\.|[^"\\])*"', "", expr)  # strings
+    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", expr)  # label matchers, ranges
+    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
+    names = set()
+    for match in re.finditer(r"(?<![\w:.])[A-Za-z_:][\w:]*", expr):  # (not the unit of a duration: 5m)
+        rest = expr[match.end():].lstrip()
+        if match.group() not in _PROMQL_KEYWORDS and not rest.startswith("("):  # not a function
+            names.add(match.group())
+    return names
+
+
+def test_promql_metric_names() -> None:
+    expr = ('histogram_quantile(0.99, sum by(le) (rate(vllm:e2e_request_latency_seconds_bucket{model_name='
+            '"$model_name"}[$__rate_interval]))) / on(instance) group_left process_open_fds offset 5m')
+    assert promql_metric_names(expr) == {"vllm:e2e_request_latency_seconds_bucket", "process_open_fds"}
+    assert promql_metric_names('label_values(nanovllm:num_requests_running{model_name="x"}, instance)') == {
+        "nanovllm:num_requests_running"}
+    assert promql_metric_names('label_values({__name__=~"nanovllm:.*"}, model_name)') == set()
+
+
+def dashboard_queries() -> list[str]:
+    board = json.loads(DASHBOARD.read_text())
+    queries = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
+    for var in board["templating"]["list"]:
+        if var["type"] == "query":
+            queries.append(var["query"]["query"] if isinstance(var["query"], dict) else var["query"])
+    return queries
+
 
 # ---- front-end bookkeeping, without a server ----------------------------------------------------------------------
 
@@ -259,3 +316,26 @@ def test_cache_config_info(server: ServerProcess) -> None:
     assert sample.value == 1 and sample.labels["model_name"] == MODEL
     assert (sample.labels["block_size"], sample.labels["num_gpu_blocks"]) == (str(BLOCK_SIZE), str(NUM_KV_BLOCKS))
     assert sample.labels["enable_prefix_caching"] == "True"
+
+
+def test_every_series_the_dashboards_query_is_exported(server: ServerProcess) -> None:
+    _complete(server, _prompt(50, 12), 4)
+    status, _ = server.request("POST", "/v1/chat/completions", {"model": MODEL, "max_tokens": 3,
+                                                                "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200
+    deadline = time.monotonic() + startup_limit_s()
+    exported: set[str] = set()
+    wanted = set().union(*map(promql_metric_names, dashboard_queries()))
+    while not wanted <= exported and time.monotonic() < deadline:  # the core's counters arrive with its snapshot
+        _, text = server.request("GET", "/metrics")
+        exported = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+        time.sleep(0.05)
+    assert len(wanted) >= 30 and all(n.startswith(("nanovllm", "http_", "process_")) for n in wanted)
+    assert wanted <= exported, sorted(wanted - exported)
+    assert set(VLLM_DASHBOARD_SERIES) <= exported, sorted(set(VLLM_DASHBOARD_SERIES) - exported)
+    m = parse_metrics(text)
+    for name in VLLM_DASHBOARD_SERIES:  # the same numbers under both names
+        for key in (k for k in m if k.split("{")[0] == name):
+            own = key.replace("vllm:time_per_output_token", "vllm:inter_token_latency").replace(
+                "vllm:gpu_cache", "vllm:kv_cache").replace("vllm:", "nanovllm:")
+            assert m[key] == m[own], key
