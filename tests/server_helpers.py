@@ -190,6 +190,6 @@ def parse_metrics(text: str) -> dict[str, float]:
         if not line or line.startswith("#"):
             continue
         name, value = line.rsplit(" ", 1)
-        name = re.sub(r'model_name="[^"]*",?', "", name).replace("{}", "")
+        name = re.sub(r',?model_name="[^"]*"', "", name).replace("{,", "{").replace("{}", "")
         out[name] = float(value)
     return out

@@ -20,6 +20,7 @@ from server_helpers import startup_limit_s
 from nanovllm import LLM, SamplingParams
 from nanovllm.config import EngineConfig
 from nanovllm.engine.async_llm import AsyncLLM, EngineDeadError, EngineStartupError
+from nanovllm.engine.serving_stats import IterationStats
 from nanovllm.outputs import RequestOutput
 
 ENGINE_ARGS = dict(device="cpu", dtype="float32", num_kv_blocks=64, max_model_len=256)
@@ -156,11 +157,36 @@ def test_stop_string_found_in_the_front_end(engine: AsyncLLM) -> None:
     assert run(wait_idle(engine)).num_used_pages == 0
 
 
-def test_stats_and_latency_histograms(engine: AsyncLLM) -> None:
-    run(collect(engine, "stats", GREEDY))
+class _Recorder:
+    def __init__(self) -> None:
+        self.items: list[IterationStats] = []
+
+    def record(self, stats: IterationStats) -> None:
+        self.items.append(stats)
+
+
+def test_stats_and_request_timings(engine: AsyncLLM) -> None:
+    recorder = _Recorder()
+    engine.stats.add_observer(recorder)
+    try:
+        outputs = run(collect(engine, "stats", GREEDY))
+    finally:
+        engine.stats.observers.remove(recorder)
     stats = run(engine.get_core_stats())
     assert stats.num_kv_pages == 64 and stats.num_generated_tokens >= 12 and stats.num_prompt_tokens > 0
-    assert engine.stats.ttft.count >= 1 and engine.stats.inter_token.count >= 11 and engine.stats.e2e.count >= 1
+    items = recorder.items
+    num_prompt = len(outputs[0].prompt_token_ids)
+    assert sum(len(i.time_to_first_tokens) for i in items) == 1
+    assert sum(len(i.inter_token_latencies) for i in items) == 11
+    assert sum(i.num_generation_tokens for i in items) == 12 and sum(i.num_prompt_tokens for i in items) == num_prompt
+    (done,) = [f for i in items for f in i.finished_requests]
+    assert (done.finish_reason, done.num_prompt_tokens, done.num_generation_tokens) == ("length", num_prompt, 12)
+    # the phases follow each other on the core's clock: queue, prefill, decode; inference is prefill + decode
+    assert min(done.queued_time, done.prefill_time, done.decode_time) >= 0
+    assert done.inference_time == pytest.approx(done.prefill_time + done.decode_time)
+    assert done.mean_time_per_output_token == pytest.approx(done.decode_time / 11)
+    assert sum(t for i in items for t in i.inter_token_latencies) == pytest.approx(done.decode_time)
+    assert done.e2e_latency >= done.inference_time
 
 
 def test_engine_death_fails_requests_and_health(qwen3_dir: str) -> None:

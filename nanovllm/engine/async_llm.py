@@ -151,8 +151,7 @@ class AsyncLLM:
             raise ValueError(f"request_id {request_id!r} is already in use")
         with self._lock:
             self.output_processor.add_request(request, stream)
-            for spec in request.engine_requests:
-                self.stats.on_added(spec.request_id, spec.arrival_time)
+            self.stats.on_added(request.engine_requests)
         stream_state = RequestStream(request_id, merge=stream)
         self._streams[request_id] = stream_state
         self.core.add_requests(request.engine_requests)
@@ -210,11 +209,11 @@ class AsyncLLM:
             self._abort_now(request_id)
         self._streams.clear()
 
-    def _abort_now(self, request_id: str) -> None:
+    def _abort_now(self, request_id: str, reason: str = "abort") -> None:
         with self._lock:
             children = self.output_processor.abort_request(request_id)
             for child in children:
-                self.stats.on_removed(child)
+                self.stats.on_removed(child, reason)
         self.core.abort(children)
 
     def _bind_loop(self) -> None:
@@ -236,7 +235,7 @@ class AsyncLLM:
             return
         with self._lock:
             if isinstance(message, CoreOutputs):
-                self.stats.on_outputs(message.outputs)
+                self.stats.on_outputs(message.outputs, message.timestamp)
                 processed = self.output_processor.process(message.outputs)
                 for stop in processed.stops:
                     self.stats.on_removed(stop.request_id, "stop")
@@ -266,7 +265,7 @@ class AsyncLLM:
                 continue
             if error is not None:
                 del self._streams[request_id]
-                self._abort_now(request_id)
+                self._abort_now(request_id, "error")
                 stream.put(error)
                 continue
             stream.put(item)  # type: ignore[arg-type]

@@ -111,7 +111,7 @@ class _CoreLoop:
             if now - self.last_stats >= STATS_INTERVAL_S:
                 stats, self.last_stats, self.stats_dirty = self.core.snapshot(), now, False
             if outputs or stats is not None:
-                self.outbox.send(msg.CoreOutputs(outputs, stats))
+                self.outbox.send(msg.CoreOutputs(outputs, stats, now))
 
     def _wait_for_input(self, timeout: float | None) -> None:
         """Block until a message arrives (or ``timeout``), checking now and then that the parent lives."""

@@ -17,7 +17,7 @@ from nanovllm.engine.kv_manager import KVCacheManager
 from nanovllm.engine.messages import EngineCoreOutput, EngineRequest
 from nanovllm.engine.request import Request, RequestStatus
 from nanovllm.engine.scheduler import Scheduler, SchedulerOutput
-from nanovllm.engine.serving_stats import CoreStats
+from nanovllm.engine.serving_stats import ITERATION_TOKENS_BUCKETS, CoreStats, Histogram, RequestTimings
 from nanovllm.engine.structured_output import StructuredOutputManager
 from nanovllm.executor.base import Executor, LaunchedStep
 from nanovllm.executor.input_batch import HostBatch
@@ -61,6 +61,7 @@ class EngineCore:
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len, num_micro_batches
         )
         self.stats = EngineStats()
+        self.iteration_tokens = Histogram(ITERATION_TOKENS_BUCKETS)  # tokens each step computed
         overlap = config.async_scheduling
         self.overlap = executor.device_type == "cuda" if overlap is None else overlap
         # steps left running between calls of step(): one more with overlap scheduling, and with micro-batches
@@ -229,6 +230,9 @@ class EngineCore:
             num_cached_tokens=max(request.num_cached_tokens, 0),
             logprobs=None if logprobs is None else [logprobs],
         )
+        if not request.timings_sent:  # the first output: the front end times the request's phases from these
+            out.timings = RequestTimings(request.queued_time, request.scheduled_time or request.queued_time)
+            request.timings_sent = True
         if request.sampling_params.prompt_logprobs is not None and not request.prompt_logprobs_sent:
             out.prompt_logprobs = [None, *request.prompt_logprobs]
             request.prompt_logprobs_sent = True
@@ -237,6 +241,7 @@ class EngineCore:
     def _count(self, sched: SchedulerOutput, num_generated: int) -> None:
         stats = self.stats
         stats.num_steps += 1
+        self.iteration_tokens.observe(sched.num_batched_tokens)
         stats.num_generated_tokens += num_generated
         stats.num_preemptions = self.scheduler.num_preemptions
         cache = self.kv.prefix_cache
@@ -256,7 +261,9 @@ class EngineCore:
             num_cached_pages=cache.num_cached_pages if cache is not None else 0,
             prefix_cache_queries=stats.prefix_cache_queries, prefix_cache_hits=stats.prefix_cache_hits,
             num_prompt_tokens=stats.num_prompt_tokens, num_generated_tokens=stats.num_generated_tokens,
-            num_preemptions=stats.num_preemptions, num_steps=stats.num_steps, timestamp=time.time(),
+            num_preemptions=stats.num_preemptions, num_steps=stats.num_steps,
+            iteration_tokens_counts=tuple(self.iteration_tokens.counts),
+            iteration_tokens_sum=int(self.iteration_tokens.sum), timestamp=time.time(),
         )
 
     def kv_usage(self) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nanovllm.engine.serving_stats import CoreStats
+from nanovllm.engine.serving_stats import CoreStats, RequestTimings
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -32,6 +32,7 @@ class EngineCoreOutput:
     num_cached_tokens: int = 0
     logprobs: list[dict[int, float]] | None = None  # one dict per new token
     prompt_logprobs: list[dict[int, float] | None] | None = None  # with the first token only
+    timings: RequestTimings | None = None  # with the first token only: when the core queued and scheduled it
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class CoreReady:
 class CoreOutputs:
     outputs: list[EngineCoreOutput]
     stats: CoreStats | None = None  # attached now and then while busy, and once when the core goes idle
+    timestamp: float = 0.0  # when the core made these outputs (its time.monotonic()): tokens' times, for metrics
 
 
 @dataclass(frozen=True)

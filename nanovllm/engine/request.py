@@ -60,6 +60,10 @@ class Request:
     sample_row: int = -1  # row of this request's last sampled token in its step's samples (on the device)
     grammar: Any = None  # structured outputs: a GrammarState (compiling, then its matcher)
     in_flight: bool = False  # in a launched micro-batch not yet collected (pipeline parallelism)
+    # for metrics, on the core's clock: queued (made here, in the core), first scheduled (preemptions do not reset it)
+    queued_time: float = field(default_factory=time.monotonic)
+    scheduled_time: float | None = None
+    timings_sent: bool = False  # the front end has them (they go with the first output)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

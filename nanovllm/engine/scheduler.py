@@ -12,6 +12,7 @@ results are in, and each micro-batch takes about 1/num_micro_batches of the requ
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -159,6 +160,8 @@ class Scheduler:
                 break
             self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
+            if request.scheduled_time is None:
+                request.scheduled_time = time.monotonic()
             self.running.append(request)
             if first_page is not None and request.num_computed_tokens + self.kv.page_size < request.num_prompt_tokens:
                 prefilling.add(first_page)  # it computes at least one full page others could reuse

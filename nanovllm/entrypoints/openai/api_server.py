@@ -34,7 +34,7 @@ from nanovllm.entrypoints.openai.http_limits import (
     RequestLimits,
     client_timeout_protocol,
 )
-from nanovllm.entrypoints.openai.metrics import CONTENT_TYPE, render_metrics
+from nanovllm.entrypoints.openai.metrics import install_metrics
 from nanovllm.entrypoints.openai.protocol import (
     ErrorResponse,
     ChatCompletionRequest,
@@ -169,10 +169,7 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
     async def version() -> Response:
         return json_response(VersionResponse(version=__version__))
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        core = await engine.get_core_stats(timeout_s=0.5)
-        return Response(render_metrics(core, engine.stats, completions.model_name), media_type=CONTENT_TYPE)
+    install_metrics(app, engine, completions.model_name)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> Response:

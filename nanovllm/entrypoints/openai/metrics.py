@@ -1,75 +1,96 @@
-"""GET /metrics: Prometheus text exposition (format 0.0.4), written by hand from the engine's stats.
+"""GET /metrics: Prometheus exposition by ``prometheus_client``, for one server's private registry.
 
-Names follow vLLM's with a ``nanovllm:`` prefix. Gauges and counters come from the engine core's latest snapshot;
-latency histograms from the front end, which times tokens as the server sees them.
+Naming rule (docs/metrics.md): every engine series is exported as ``nanovllm:<name>``, with vLLM's name, type,
+labels, buckets and meaning. A series that means exactly what a vLLM series means is exported a second time under
+vLLM's own name (``vllm:<name>``, and vLLM's deprecated spelling where its dashboard still queries one), so that
+vLLM's Grafana dashboards, alerts and autoscalers read this server unchanged. Series vLLM does not have stay
+``nanovllm:`` only. Process, Python and HTTP series carry the standard unprefixed names (``process_*``,
+``python_*``, ``http_*``) as in vLLM, plus ``nanovllm_engine_core_process_*`` for the engine-core process.
 """
 from __future__ import annotations
 
-from nanovllm.engine.serving_stats import CoreStats, FrontendStats, Histogram
+from typing import Iterator
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+from fastapi import FastAPI
+from fastapi.responses import Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
+from prometheus_fastapi_instrumentator import Instrumentator
 
+from nanovllm.engine.async_llm import AsyncLLM
+from nanovllm.entrypoints.openai.metric_series import (
+    PREFIX,
+    VLLM_NAMES,
+    CoreCollector,
+    RequestMetrics,
+    register_cache_config_info,
+)
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _number(value: float) -> str:
-    if value == float("inf"):
-        return "+Inf"
-    return repr(float(value)) if isinstance(value, float) else str(value)
-
-
-class _Writer:
-    def __init__(self, model_name: str) -> None:
-        self.labels = f'model_name="{_escape(model_name)}"'
-        self.lines: list[str] = []
-
-    def metric(self, name: str, kind: str, help_text: str, value: float, extra: str = "") -> None:
-        self.header(name, kind, help_text)
-        self.sample(name, value, extra)
-
-    def header(self, name: str, kind: str, help_text: str) -> None:
-        self.lines.append(f"# HELP {name} {help_text}")
-        self.lines.append(f"# TYPE {name} {kind}")
-
-    def sample(self, name: str, value: float, extra: str = "") -> None:
-        labels = self.labels + (f",{extra}" if extra else "")
-        self.lines.append(f"{name}{{{labels}}} {_number(value)}")
-
-    def histogram(self, name: str, help_text: str, hist: Histogram) -> None:
-        self.header(name, "histogram", help_text)
-        for bound, count in hist.cumulative():
-            self.sample(f"{name}_bucket", count, f'le="{_number(bound)}"')
-        self.sample(f"{name}_sum", hist.sum)
-        self.sample(f"{name}_count", hist.count)
+VLLM_PREFIX = "vllm:"
+# not counted as HTTP traffic: scrapes and health probes, which would drown the API's own (as in vLLM)
+EXCLUDED_HANDLERS = ["^/metrics$", "^/health$"]
 
 
-def render_metrics(core: CoreStats, front: FrontendStats, model_name: str) -> str:
-    w = _Writer(model_name)
-    w.metric("nanovllm:num_requests_running", "gauge", "Requests in the running batch.", core.num_running)
-    w.metric("nanovllm:num_requests_waiting", "gauge", "Requests waiting to be scheduled.", core.num_waiting)
-    w.metric("nanovllm:kv_cache_usage_perc", "gauge",
-             "Fraction of KV pages held by requests (1 = full; idle prefix-cache pages count as free).",
-             core.kv_usage)
-    w.metric("nanovllm:kv_cache_used_pages", "gauge", "KV pages held by requests.", core.num_used_pages)
-    w.metric("nanovllm:kv_cache_total_pages", "gauge", "KV pages in the pool.", core.num_kv_pages)
-    w.metric("nanovllm:prefix_cache_cached_pages", "gauge", "KV pages held by the prefix cache.",
-             core.num_cached_pages)
-    w.metric("nanovllm:prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
-             core.prefix_cache_queries)
-    w.metric("nanovllm:prefix_cache_hits_total", "counter", "Prompt tokens served by the prefix cache.",
-             core.prefix_cache_hits)
-    w.metric("nanovllm:prompt_tokens_total", "counter", "Prompt tokens computed (prefix-cache hits excluded).",
-             core.num_prompt_tokens)
-    w.metric("nanovllm:generation_tokens_total", "counter", "Tokens generated.", core.num_generated_tokens)
-    w.metric("nanovllm:num_preemptions_total", "counter", "Requests preempted for lack of KV pages.",
-             core.num_preemptions)
-    w.header("nanovllm:request_success_total", "counter", "Engine requests finished, by finish reason.")
-    for reason in ("stop", "length", "abort"):
-        w.sample("nanovllm:request_success_total", front.finished.get(reason, 0), f'finished_reason="{reason}"')
-    w.histogram("nanovllm:time_to_first_token_seconds", "Time from arrival to the first token.", front.ttft)
-    w.histogram("nanovllm:inter_token_latency_seconds", "Time between two tokens of one request.",
-                front.inter_token)
-    w.histogram("nanovllm:e2e_request_latency_seconds", "Time from arrival to the last token.", front.e2e)
-    return "\n".join(w.lines) + "\n"
+class VllmAliases(Collector):
+    """The families of ``source`` that vLLM also has, again under vLLM's names."""
+
+    def __init__(self, source: CollectorRegistry) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.source.collect():
+            for alias in VLLM_NAMES.get(family.name.removeprefix(PREFIX), ()):
+                yield _renamed(family, VLLM_PREFIX + alias)
+
+
+def _renamed(family: Metric, name: str) -> Metric:
+    out = Metric(name, family.documentation, family.type, family.unit)
+    out.samples = [sample._replace(name=name + sample.name[len(family.name):]) for sample in family.samples]
+    return out
+
+
+class ServerMetrics:
+    """One server's registry: the engine's series (``nanovllm:`` and their ``vllm:`` aliases), the processes'
+    series and the HTTP series."""
+
+    def __init__(self, engine: AsyncLLM, model_name: str) -> None:
+        self.engine = engine
+        self.engine_series = CollectorRegistry()  # every nanovllm: family
+        self.requests = RequestMetrics(self.engine_series, model_name, engine.max_model_len)
+        self.core = CoreCollector(model_name)
+        self.engine_series.register(self.core)
+        register_cache_config_info(self.engine_series, model_name, engine.config, engine.core.num_kv_pages)
+        self.registry = CollectorRegistry()
+        self.registry.register(self.engine_series)
+        self.registry.register(VllmAliases(self.engine_series))
+        ProcessCollector(registry=self.registry)
+        ProcessCollector(namespace="nanovllm_engine_core", pid=lambda: engine.core.pid, registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        engine.stats.add_observer(self.requests)
+
+    async def render(self) -> bytes:
+        self.core.stats = await self.engine.get_core_stats(timeout_s=0.5)
+        return generate_latest(self.registry)
+
+
+def install_metrics(app: FastAPI, engine: AsyncLLM, model_name: str) -> ServerMetrics:
+    """``GET /metrics``, and the HTTP series of every other route (count by route, method and status class;
+    latency and sizes), measured by prometheus-fastapi-instrumentator's middleware."""
+    metrics = ServerMetrics(engine, model_name)
+    Instrumentator(excluded_handlers=EXCLUDED_HANDLERS, registry=metrics.registry).instrument(app)
+
+    @app.get("/metrics", response_class=Response, responses={
+        200: {"description": "Prometheus text exposition.", "content": {CONTENT_TYPE_LATEST: {}}}})
+    async def get_metrics() -> Response:
+        return Response(await metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return metrics
