@@ -75,9 +75,11 @@ def test_generate_takes_the_model_as_a_flag_and_vllm_dtype_aliases(qwen3_dir: st
 
 
 def test_bad_sampling_flag_fails_before_loading(qwen3_dir: str) -> None:
-    for command in (["generate", qwen3_dir, "--prompt", "x"], ["chat", qwen3_dir]):
-        out = nanovllm(*command, "--temperature", "-1", *ENGINE_FLAGS, stdin="")
-        assert out.returncode != 0 and "temperature" in out.stderr, out.stderr
+    for command, flag in ((["generate", qwen3_dir, "--prompt", "x"], ["--temperature", "-1"]),
+                          (["chat", qwen3_dir], ["--temperature", "-1"]),
+                          (["chat", qwen3_dir], ["--chat-template", qwen3_dir + "/missing.jinja"])):
+        out = nanovllm(*command, *flag, *ENGINE_FLAGS, stdin="")
+        assert out.returncode != 0 and flag[0].lstrip("-") in out.stderr, out.stderr
         assert "config:" not in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
