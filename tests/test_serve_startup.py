@@ -114,8 +114,8 @@ def test_chat_template_file_inline_or_error(tmp_path: Path) -> None:
 
 # ---- the command ------------------------------------------------------------------------------------------------
 
-def serve(*argv: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def serve(*argv: str, **env_vars: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **env_vars)
     return subprocess.run([sys.executable, "-m", "nanovllm", "serve", *argv, "--host", "127.0.0.1", "--device",
                            "cpu", "--dtype", "float32", "--num-kv-blocks", "64", "--max-model-len", "128"],
                           capture_output=True, text=True, timeout=startup_limit_s(), env=env)
@@ -132,10 +132,13 @@ def assert_failed_before_loading(out: subprocess.CompletedProcess, *needles: str
 def test_busy_port_fails_at_once(qwen3_dir: str) -> None:
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
-        out = serve(qwen3_dir, "--port", str(port))
+        out = serve(qwen3_dir, "--port", str(port), PYTHONPROFILEIMPORTTIME="1")
+    imported = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    out.stderr = "\n".join(line for line in out.stderr.splitlines() if not line.startswith("import time:"))
     assert_failed_before_loading(out, f"--port {port}", "in use")
-    assert "config:" not in out.stderr  # not even the model's config was read
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "config:" not in out.stderr  # not even the model's config was read
+    assert "nanovllm.config" in imported and "torch" not in imported  # before the heavy imports, in well under 1 s
 
 
 def test_bad_default_sampling_fails_before_loading(model_with_defaults: str, tmp_path: Path) -> None:
@@ -166,8 +169,10 @@ def test_start_up_stages_are_logged_in_order_with_times(server: ServerProcess) -
     url = f"http://127.0.0.1:{server.port}"
     log = server.log()
     stages = [
-        rf"flags checked; listening on {re.escape(url)}",
+        rf"listening on {re.escape(url)}",
+        r"flags checked in \d+\.\d+ s",
         r"config: .*max_model_len 128, tokenizer of \d+ tokens, read in \d+\.\d+ s",
+        r"engine core process \d+ started; loading the model",
         r"weights: Qwen3ForCausalLM .* on cpu in torch\.float32, .* loaded in \d+\.\d+ s",
         r"KV cache: 64 pages of 16 tokens = 1024 tokens, .* sized in \d+\.\d+ s",
         r"engine core process \d+ is ready \(64 KV pages\) after \d+\.\d+ s",

@@ -94,9 +94,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> None:
+    from nanovllm.entrypoints.openai.startup import prepare_serve
+
+    plan = prepare_serve(args, engine_kwargs(args))  # flags checked and the port bound before the heavy imports
     from nanovllm.entrypoints.openai.api_server import run_server
 
-    run_server(args, engine_kwargs(args))
+    run_server(args, plan)
 
 
 # ---- generate -----------------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import hmac
 import logging
-import signal
 import socket
 import sys
 import time
@@ -51,7 +50,7 @@ from nanovllm.entrypoints.openai.protocol import (
 )
 from nanovllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from nanovllm.entrypoints.openai.serving_completion import OpenAIServingCompletion, json_response
-from nanovllm.entrypoints.openai.startup import prepare_serve
+from nanovllm.entrypoints.openai.startup import ServePlan
 from nanovllm.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -251,18 +250,9 @@ class _Server(uvicorn.Server):
         asyncio.get_running_loop().call_later(2.0, setattr, self, "force_exit", True)
 
 
-def _exit_on_signal(signum: int, _frame: Any) -> None:
-    # SIGTERM or ctrl-C while the engine loads, or re-raised by uvicorn after its graceful shutdown: exit through the
-    # normal path, so that `finally` blocks and atexit hooks (which stop the engine core) run, without a traceback
-    sys.exit(128 + signum if signum != signal.SIGTERM else 0)
-
-
-def run_server(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> None:
-    """``nanovllm serve``: check the flags and bind the port (``startup.py``), start the engine core (config,
-    weights, KV cache and CUDA graphs log their times), then serve until a signal."""
-    signal.signal(signal.SIGTERM, _exit_on_signal)
-    signal.signal(signal.SIGINT, _exit_on_signal)
-    plan = prepare_serve(args, engine_kwargs)
+def run_server(args: argparse.Namespace, plan: ServePlan) -> None:
+    """``nanovllm serve`` once ``startup.prepare_serve`` has checked the flags and bound the port: start the engine
+    core (config, weights, KV cache and CUDA graphs log their times), then serve until a signal."""
     try:
         engine = AsyncLLM(plan.config)
     except BaseException:
