@@ -1,10 +1,11 @@
 """What ``nanovllm serve`` settles before the model loads, so that a mistake costs a second, not a model load.
 
-In order: the engine flags (``EngineConfig``), the serve flags (chat template, generation config), the port (bound
-here and handed to uvicorn later, so a busy port fails at once and no other process can take it meanwhile), then
-the model's generation config, whose default sampling values are checked as ``SamplingParams``. Each failure is a
-``ValueError`` naming the flag, which the CLI prints as one line and exits non-zero. Connections that arrive
-while the model loads wait in the socket's backlog and are answered once the server is ready.
+In order: the engine flags (``EngineConfig``) and ``--override-generation-config``; the port (bound here with
+light imports only and handed to uvicorn later, so a busy port fails at once and no other process can take it
+meanwhile); ``--chat-template``; the model's generation config, whose default sampling values are checked as
+``SamplingParams``. Each failure is a ``ValueError`` naming the flag, which the CLI prints as one line and exits
+non-zero. Connections that arrive while the model loads wait in the socket's backlog and are answered once the
+server is ready.
 """
 from __future__ import annotations
 
