@@ -5,7 +5,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-DTYPES = ("auto", "bfloat16", "float16", "float32")
+# vLLM's spellings; "half" and "float" are aliases that __post_init__ turns into "float16" and "float32"
+DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}
 DEVICES = ("auto", "cuda", "cpu")
 LOAD_FORMATS = ("auto", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
@@ -13,41 +15,56 @@ STRUCTURED_OUTPUTS_BACKENDS = ("xgrammar", "llguidance")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, aliases: tuple[str, ...] = ()) -> Any:
+    """A field together with what its command-line flag needs (``entrypoints/engine_args.py`` reads it): the help,
+    the allowed values, extra option strings (``-tp``; vLLM's other names). The flag's name, type and default are
+    the field's own. A default of None means "decided later"; ``help`` says by what."""
+    return field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases})
+
+
 @dataclass
 class EngineConfig:
-    model: str
-    tokenizer: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    max_num_seqs: int = 256
+    model: str = field(metadata={"help": "checkpoint directory, GGUF file or Hugging Face hub id", "flag": False})
+    tokenizer: str | None = option(None, "tokenizer name or path (default: the model's)")
+    revision: str | None = option(None, "hub revision (branch, tag or commit) of the model")
+    dtype: str = option("auto", "weights and activations: auto (the checkpoint's half type on CUDA, float32 on "
+                                "CPU), half = float16, bfloat16, float = float32", choices=DTYPES)
+    device: str = option("auto", "auto: CUDA when available, else CPU", choices=DEVICES)
+    seed: int = option(0, "seed of the engine's random state (requests without a seed draw theirs from it)")
+    max_model_len: int | None = option(None, "longest prompt + output in tokens (default: the model's "
+                                             "max_position_embeddings)")
+    max_num_seqs: int = option(256, "most requests running at once")
     # token budget of one step; the original nano-vllm's default. Each step has a fixed host cost per layer, so
     # larger prefill steps cost less host time per token; a smaller budget shortens the decode stalls they cause
-    max_num_batched_tokens: int = 16384
-    block_size: int = 16  # tokens per KV page
-    num_kv_blocks: int | None = None  # None: sized from free memory
-    gpu_memory_utilization: float = 0.9
-    cpu_kv_cache_gib: float = 2.0  # KV pool size on CPU when num_kv_blocks is not given
-    enforce_eager: bool = False  # no CUDA graphs
-    async_scheduling: bool | None = None  # overlap scheduling with the device; None: on for CUDA
-    load_format: str = "auto"
-    enable_prefix_caching: bool = True
-    attention_backend: str = "auto"
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    revision: str | None = None
-    trust_remote_code: bool = False
-    structured_outputs_backend: str = "xgrammar"  # the grammar engine of structured outputs
-    # "auto": the model's dtype; "fp8" (= "fp8_e4m3") or "fp8_e5m2" halve the KV bytes per token
-    kv_cache_dtype: str = "auto"
-    # FP8 KV scales measured on the first prefill instead of the checkpoint's (or 1.0)
-    calculate_kv_scales: bool = False
+    max_num_batched_tokens: int = option(16384, "token budget of one step (smaller: prefills are chunked finer)")
+    block_size: int = option(16, "tokens per KV page")
+    num_kv_blocks: int | None = option(None, "KV pool size in pages (default: sized from free memory)",
+                                       aliases=("--num-gpu-blocks-override",))
+    gpu_memory_utilization: float = option(0.9, "share of the GPU's memory the engine may use (weights, "
+                                                "activations, KV pool)")
+    cpu_kv_cache_gib: float = option(2.0, "KV pool size in GiB on CPU, when --num-kv-blocks is not given")
+    enforce_eager: bool = option(False, "no CUDA graphs (and no compiled fast path)")
+    async_scheduling: bool | None = option(None, "overlap scheduling of the next step with the device's work on "
+                                                 "this one (default: on for CUDA)")
+    load_format: str = option("auto", "auto: the checkpoint's files; dummy: random weights from the config alone",
+                              choices=LOAD_FORMATS)
+    enable_prefix_caching: bool = option(True, "reuse the KV pages of shared prompt prefixes (radix cache)")
+    attention_backend: str = option("auto", "auto: triton on CUDA, torch elsewhere", choices=ATTENTION_BACKENDS)
+    tensor_parallel_size: int = option(1, "split every layer over this many GPUs", aliases=("-tp",))
+    pipeline_parallel_size: int = option(1, "split the stack of layers into this many stages", aliases=("-pp",))
+    trust_remote_code: bool = option(False, "run the model repository's own Python code (configs, tokenizers)")
+    structured_outputs_backend: str = option("xgrammar", "grammar engine of structured outputs and forced tool calls",
+                                             choices=STRUCTURED_OUTPUTS_BACKENDS)
+    kv_cache_dtype: str = option("auto", "KV cache dtype: auto (the model's) or FP8 (fp8 = fp8_e4m3, fp8_e5m2), "
+                                         "half the bytes per token of bf16", choices=KV_CACHE_DTYPES)
+    calculate_kv_scales: bool = option(False, "measure the FP8 KV scales on the first prefill (default: the "
+                                              "checkpoint's, or 1.0)")
     # filled in by the engine once the model config is read
-    hf_config: Any = field(default=None, repr=False)
+    hf_config: Any = field(default=None, repr=False, metadata={"flag": False})
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
+        self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
         _check_choice("device", self.device, DEVICES)
         _check_choice("load_format", self.load_format, LOAD_FORMATS)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)

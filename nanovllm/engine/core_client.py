@@ -68,6 +68,7 @@ class EngineCoreClient:
                   threading.current_thread() is threading.main_thread()),
             name="nanovllm-engine-core",
         )
+        started = time.monotonic()
         self._proc.start()
         # Drop our copies of the child's ends, so that its death reads as EOF here (and ours as EOF there).
         child_inbox.close()
@@ -85,7 +86,8 @@ class EngineCoreClient:
         self._reader = threading.Thread(target=self._read_loop, name="nanovllm-core-reader", daemon=True)
         self._sender.start()
         self._reader.start()
-        logger.info("engine core process %d is ready (%d KV pages)", self._proc.pid, self.num_kv_pages)
+        logger.info("engine core process %d is ready (%d KV pages) after %.2f s", self._proc.pid, self.num_kv_pages,
+                    time.monotonic() - started)
 
     @property
     def pid(self) -> int | None:

@@ -72,6 +72,7 @@ def _build_core(config: EngineConfig) -> Any:
     from nanovllm.executor import make_executor
     from nanovllm.loader import load_hf_config, resolve_model_path
 
+    logger.info("engine core process %d started; loading the model", os.getpid())
     model_path = resolve_model_path(config.model, config.revision, weights=config.load_format != "dummy")
     if config.hf_config is None:
         config.finalize(load_hf_config(model_path, config.trust_remote_code))

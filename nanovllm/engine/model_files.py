@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,11 +26,16 @@ class ModelFiles:
 def prepare_model_files(config: EngineConfig, weights: bool) -> ModelFiles:
     """Resolve the model (``weights``: fetch its weights too, else configs and tokenizer files only), finish the
     engine config from the model's, and load the tokenizer."""
+    start = time.perf_counter()
     model_path = resolve_model_path(config.model, config.revision, weights=weights and config.load_format != "dummy")
     hf_config = load_hf_config(model_path, config.trust_remote_code)
     config.finalize(hf_config)
     tokenizer = load_tokenizer(config, model_path)
     eos_ids = eos_token_ids(hf_config, load_generation_config(model_path), tokenizer)
+    logger.info("config: %s (%s), max_model_len %d, %s, read in %.2f s", model_path,
+                ",".join(getattr(hf_config, "architectures", None) or ["?"]), config.max_model_len,
+                f"tokenizer of {len(tokenizer)} tokens" if tokenizer is not None else "no tokenizer",
+                time.perf_counter() - start)
     return ModelFiles(model_path, tokenizer, eos_ids)
 
 

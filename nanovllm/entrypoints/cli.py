@@ -34,14 +34,30 @@ def _sampling_params(args: argparse.Namespace, **overrides: Any) -> Any:
                           top_k=args.top_k, min_p=args.min_p, stop=args.stop, ignore_eos=args.ignore_eos, **overrides)
 
 
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The model, positional (``nanovllm serve MODEL``) or as vLLM also spells it (``--model MODEL``)."""
+    parser.add_argument("model_tag", nargs="?", metavar="MODEL", default=None,
+                        help="checkpoint directory, GGUF file or Hugging Face hub id")
+    parser.add_argument("--model", default=None, help="the model, as a flag (the same as MODEL; give one of them)")
+
+
+def _resolve_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    tag = getattr(args, "model_tag", None)
+    if tag is not None and args.model is not None and tag != args.model:
+        parser.error(f"the model is given twice and differs: MODEL {tag!r} and --model {args.model!r}")
+    args.model = tag if tag is not None else args.model
+    if args.model is None:
+        parser.error(f"{args.command} needs a model: MODEL or --model")
+
+
 # ---- serve --------------------------------------------------------------------------------------------------------
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
                        description="Serve MODEL over an OpenAI-compatible HTTP API.")
-    p.add_argument("model", help="checkpoint directory or Hugging Face hub id")
+    _add_model_args(p)
     p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="bound before the model loads (a busy port fails at once)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="model name(s) clients may ask for (default: MODEL)")
     p.add_argument("--api-key", default=os.environ.get("NANOVLLM_API_KEY"),
@@ -53,6 +69,16 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--client-timeout", type=float, default=30.0,
                    help="seconds a client has to send a whole request (head and body); then 408 or the connection "
                         "closes")
+    p.add_argument("--chat-template", default=None,
+                   help="chat template for chat requests in place of the tokenizer's: a file, or the Jinja template "
+                        "itself")
+    p.add_argument("--generation-config", default="auto",
+                   help="default sampling values of requests: auto = the model's generation_config.json, vllm = "
+                        "none (vLLM's neutral defaults), or a folder holding a generation_config.json "
+                        "(default: auto)")
+    p.add_argument("--override-generation-config", default=None, metavar="JSON",
+                   help='sampling defaults that replace the generation config\'s, e.g. \'{"temperature": 0.5}\' '
+                        "(keys: temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens)")
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="let requests supply their own chat template (it is code the server runs)")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
@@ -68,16 +94,19 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> None:
+    from nanovllm.entrypoints.openai.startup import prepare_serve
+
+    plan = prepare_serve(args, engine_kwargs(args))  # flags checked and the port bound before the heavy imports
     from nanovllm.entrypoints.openai.api_server import run_server
 
-    run_server(args, engine_kwargs(args))
+    run_server(args, plan)
 
 
 # ---- generate -----------------------------------------------------------------------------------------------------
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate completions for prompts and print them")
-    p.add_argument("model")
+    _add_model_args(p)
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
     p.add_argument("--n", type=int, default=1, help="samples per prompt")
     _add_sampling_args(p, max_tokens=128)
@@ -88,8 +117,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _run_generate(args: argparse.Namespace) -> None:
     from nanovllm.llm import LLM
 
+    params = _sampling_params(args, n=args.n)  # a bad sampling flag fails before the model loads
     llm = LLM(args.model, **engine_kwargs(args))
-    outputs = llm.generate(args.prompt, _sampling_params(args, n=args.n), use_tqdm=False)
+    outputs = llm.generate(args.prompt, params, use_tqdm=False)
     for prompt, out in zip(args.prompt, outputs):
         for completion in out.outputs:
             print(f"--- {prompt!r} -> [{completion.finish_reason}]")
@@ -99,9 +129,15 @@ def _run_generate(args: argparse.Namespace) -> None:
 # ---- chat ---------------------------------------------------------------------------------------------------------
 
 def _add_chat(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("chat", help="interactive streaming chat in the terminal (ctrl-D to quit)")
-    p.add_argument("model")
+    p = sub.add_parser("chat", help="interactive streaming chat in the terminal (/clear, /exit or ctrl-D to quit)",
+                       description="Chat with MODEL in the terminal. The conversation is kept: when it no longer "
+                                   "fits the context, its oldest turns are dropped (the system prompt stays) and "
+                                   "max_tokens is capped to the room left. /clear starts over, /exit (or ctrl-D) "
+                                   "quits, ctrl-C interrupts a reply (and quits at the prompt).")
+    _add_model_args(p)
     p.add_argument("--system-prompt", default=None)
+    p.add_argument("--chat-template", default=None,
+                   help="chat template in place of the tokenizer's: a file, or the Jinja template itself")
     _add_sampling_args(p, max_tokens=512)
     add_engine_args(p)
     p.set_defaults(func=_run_chat)
@@ -109,44 +145,72 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
 
 def _run_chat(args: argparse.Namespace) -> None:
     import asyncio
+    from dataclasses import replace
 
-    from nanovllm.engine.async_llm import AsyncLLM
+    from nanovllm.engine.async_llm import AsyncLLM, RequestFailedError
+    from nanovllm.entrypoints.chat_history import MessageTooLong, fit_conversation
+    from nanovllm.entrypoints.chat_template import apply_chat_template, load_chat_template
 
+    params = _sampling_params(args)  # bad flags fail before the model loads
+    template = load_chat_template(args.chat_template) if args.chat_template is not None else None
     engine = AsyncLLM.from_engine_args(args.model, **engine_kwargs(args))
-    tokenizer = engine.tokenizer
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        engine.shutdown()
-        sys.exit("this model has no chat template")
-    params = _sampling_params(args)
-    history = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
-
-    async def reply(prompt_ids: list[int]) -> str:
-        parts = []
-        async for out in engine.generate(prompt_ids, params):
-            delta = out.outputs[0].text if out.outputs else ""
-            print(delta, end="", flush=True)
-            parts.append(delta)
-        return "".join(parts)
-
-    print("chatting with", args.model, "(ctrl-D to quit, ctrl-C to interrupt a reply)")
     try:
+        if template is not None:
+            apply_chat_template(engine.tokenizer, template)
+        if engine.tokenizer is None or not getattr(engine.tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template; pass one with --chat-template")
+        intake = engine.input_processor
+        # the engine takes a prompt + max_tokens up to max_model_len and within the whole KV pool
+        context = min(intake.max_model_len, intake.num_kv_pages * engine.config.block_size)
+        system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+        history = list(system)
+        reply_parts: list[str] = []
+
+        async def reply(prompt_ids: list[int], turn_params: Any) -> None:
+            async for out in engine.generate(prompt_ids, turn_params):
+                delta = out.outputs[0].text if out.outputs else ""
+                print(delta, end="", flush=True)
+                reply_parts.append(delta)
+
+        print("chatting with", args.model, "(/clear starts over, /exit or ctrl-D quits, ctrl-C interrupts a reply)")
         while True:
             try:
                 line = input("\n> ")
             except EOFError:
                 print()
                 return
-            if not line.strip():
+            command = line.strip()
+            if not command:
                 continue
-            history.append({"role": "user", "content": line})
-            prompt_ids = engine.input_processor.render_chat(history)
+            if command in ("/exit", "/quit"):
+                return
+            if command == "/clear":
+                history = list(system)
+                logger.info("conversation cleared")
+                continue
             try:
-                answer = asyncio.run(reply(prompt_ids))  # one loop per turn; AsyncLLM rebinds when idle
+                fitted = fit_conversation(history + [{"role": "user", "content": line}], intake.render_chat,
+                                          context, params.max_tokens)
+            except MessageTooLong as exc:
+                logger.warning("not sent: %s", exc)
+                continue
+            if fitted.dropped_turns:
+                logger.warning("the conversation no longer fits the context (%d tokens): dropped its %d oldest "
+                               "turn(s)", context, fitted.dropped_turns)
+            if fitted.max_tokens < params.max_tokens:
+                logger.warning("max_tokens capped to %d for this reply (prompt %d tokens, context %d)",
+                               fitted.max_tokens, len(fitted.prompt_ids), context)
+            reply_parts.clear()
+            try:
+                # one loop per turn; AsyncLLM rebinds when idle
+                asyncio.run(reply(fitted.prompt_ids, replace(params, max_tokens=fitted.max_tokens)))
             except KeyboardInterrupt:  # the task was cancelled, which aborted the request
-                answer = "[interrupted]"
-                print(" [interrupted]")
+                print(" [interrupted]", end="")
+            except (RequestFailedError, ValueError) as exc:
+                logger.error("this reply failed: %s", exc)
+                continue
             print()
-            history.append({"role": "assistant", "content": answer})
+            history = fitted.messages + [{"role": "assistant", "content": "".join(reply_parts)}]
     except KeyboardInterrupt:
         print()
     finally:
@@ -208,7 +272,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=os.environ.get("NANOVLLM_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(load_benchmarks=argv[:1] == ["bench"]).parse_args(argv)
+    parser = build_parser(load_benchmarks=argv[:1] == ["bench"])
+    args = parser.parse_args(argv)
+    if args.command in ("serve", "generate", "chat"):
+        _resolve_model(args, parser)
     try:
         args.func(args)
     except ValueError as exc:  # bad engine arguments and the like: one line, not a traceback

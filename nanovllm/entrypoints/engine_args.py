@@ -1,52 +1,81 @@
-"""Engine arguments on the command line, in vLLM's spelling, shared by ``serve``, ``generate`` and ``chat``."""
+"""Engine arguments on the command line, generated from ``EngineConfig``'s fields (shared by ``serve``, ``generate``
+and ``chat``).
+
+The dataclass is the one source of truth: a field ``max_model_len: int | None`` with its ``option(...)`` metadata
+becomes ``--max-model-len`` (type, choices, help and extra spellings such as ``-tp`` from there), and a bool field
+becomes ``--flag`` / ``--no-flag`` as in vLLM. Every flag defaults to None on the parser and is passed on only when
+given, so an unset flag keeps ``EngineConfig``'s default.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
 from typing import Any
 
-from nanovllm.config import (
-    ATTENTION_BACKENDS, DEVICES, DTYPES, KV_CACHE_DTYPES, LOAD_FORMATS, STRUCTURED_OUTPUTS_BACKENDS,
-)
+from nanovllm.config import EngineConfig
 
-# flag destination -> EngineConfig field (the same name everywhere, which keeps this table honest)
-_ENGINE_FIELDS = (
-    "tokenizer", "revision", "dtype", "device", "seed", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-    "block_size", "num_kv_blocks", "gpu_memory_utilization", "cpu_kv_cache_gib", "enforce_eager", "load_format",
-    "enable_prefix_caching", "attention_backend", "tensor_parallel_size", "pipeline_parallel_size",
-    "trust_remote_code", "structured_outputs_backend", "kv_cache_dtype", "calculate_kv_scales",
-)
+
+@dataclass(frozen=True)
+class EngineFlag:
+    field: str  # the EngineConfig field, also the argparse destination
+    option: str  # "--max-model-len"
+    aliases: tuple[str, ...]  # other option strings ("-tp", vLLM's names)
+    type: type  # int, float, str or bool
+    default: Any  # EngineConfig's default (shown in the help)
+    help: str
+    choices: tuple[str, ...] | None
+
+
+def engine_flags() -> list[EngineFlag]:
+    """One flag per ``EngineConfig`` field, except those whose metadata says ``flag: False`` (the model, which each
+    command takes itself, and what the engine fills in)."""
+    hints = typing.get_type_hints(EngineConfig)
+    flags = []
+    for f in dataclasses.fields(EngineConfig):
+        meta = f.metadata
+        if not f.init or meta.get("flag", True) is False:
+            continue
+        if "help" not in meta:
+            raise TypeError(f"EngineConfig.{f.name} has no help: declare it with config.option(...)")
+        flags.append(EngineFlag(
+            field=f.name, option="--" + f.name.replace("_", "-"), aliases=tuple(meta.get("aliases") or ()),
+            type=_scalar_type(f.name, hints[f.name]), default=f.default, help=meta["help"],
+            choices=meta.get("choices"),
+        ))
+    return flags
+
+
+def _scalar_type(name: str, hint: Any) -> type:
+    """``int | None`` -> int; anything but one of int, float, str, bool (optional or not) has no flag spelling."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    scalars = [a for a in args if a is not type(None)]
+    if len(scalars) != 1 or scalars[0] not in (int, float, str, bool):
+        raise TypeError(f"EngineConfig.{name}: no command-line spelling for {hint!r}")
+    return scalars[0]
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """Flags left unset keep ``EngineConfig``'s defaults (they default to None here and are not passed on)."""
-    group = parser.add_argument_group("engine")
-    group.add_argument("--tokenizer", default=None, help="tokenizer name or path (default: the model's)")
-    group.add_argument("--revision", default=None, help="hub revision of the model")
-    group.add_argument("--dtype", choices=DTYPES, default=None)
-    group.add_argument("--device", choices=DEVICES, default=None)
-    group.add_argument("--seed", type=int, default=None)
-    group.add_argument("--max-model-len", type=int, default=None)
-    group.add_argument("--max-num-seqs", type=int, default=None)
-    group.add_argument("--max-num-batched-tokens", type=int, default=None,
-                       help="token budget of one step (smaller: prefills are chunked finer)")
-    group.add_argument("--block-size", type=int, default=None, help="tokens per KV page")
-    group.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in pages (default: sized)")
-    group.add_argument("--gpu-memory-utilization", type=float, default=None)
-    group.add_argument("--cpu-kv-cache-gib", type=float, default=None)
-    group.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")
-    group.add_argument("--load-format", choices=LOAD_FORMATS, default=None)
-    group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
-    group.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=None)
-    group.add_argument("--tensor-parallel-size", "-tp", type=int, default=None)
-    group.add_argument("--pipeline-parallel-size", "-pp", type=int, default=None)
-    group.add_argument("--trust-remote-code", action="store_true", default=None)
-    group.add_argument("--structured-outputs-backend", choices=STRUCTURED_OUTPUTS_BACKENDS, default=None,
-                       help="grammar engine of structured outputs and forced tool calls (default: xgrammar)")
-    group.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
-                       help="KV cache dtype: auto (the model's) or FP8, twice the tokens in the same memory")
-    group.add_argument("--calculate-kv-scales", action="store_true", default=None,
-                       help="measure the FP8 KV scales on the first prefill (default: the checkpoint's, or 1.0)")
+    group = parser.add_argument_group("engine", "engine arguments (EngineConfig; unset flags keep its defaults)")
+    for flag in engine_flags():
+        help_text = flag.help if flag.default is None else f"{flag.help} (default: {_show(flag.default)})"
+        options = [flag.option, *flag.aliases]
+        if flag.type is bool:
+            # --flag / --no-flag (and --no-alias for an alias): vLLM's spelling of every bool
+            group.add_argument(*options, dest=flag.field, action=argparse.BooleanOptionalAction, default=None,
+                               help=help_text)
+        else:
+            group.add_argument(*options, dest=flag.field, type=flag.type, choices=flag.choices, default=None,
+                               help=help_text)
+
+
+def _show(value: Any) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else str(value)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in _ENGINE_FIELDS if getattr(args, name, None) is not None}
+    """The engine flags given on the command line, as ``EngineConfig`` keyword arguments."""
+    return {flag.field: getattr(args, flag.field) for flag in engine_flags()
+            if getattr(args, flag.field, None) is not None}

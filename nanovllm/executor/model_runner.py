@@ -71,6 +71,7 @@ class ModelRunner:
         # compiled norms and split-K projections (CUDA, not enforce_eager)
         self.fast_path = self.device.type == "cuda" and not config.enforce_eager
         model_class = self.model_class(hf_config)
+        start = time.perf_counter()
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
@@ -89,6 +90,11 @@ class ModelRunner:
         self.backend = make_attention_backend(
             config.attention_backend, self.device, self.attention_layers[0], config
         )
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        logger.info("weights: %s (%s) on %s in %s, %.2f GiB, %s in %.2f s; attention backend %s",
+                    type(self.model).__name__, model_path, self.device, self.dtype, weight_bytes / (1 << 30),
+                    "random (dummy)" if config.load_format == "dummy" else "loaded", time.perf_counter() - start,
+                    self.backend.name)
         self.sampler = Sampler()
         self.last_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._wait_time = 0.0
@@ -96,23 +102,29 @@ class ModelRunner:
         self.stager = HostStager(self.device)
         self._token_slots: list[torch.Tensor] = []
         self._next_token_slot = 0
+        start = time.perf_counter()
         self.num_kv_blocks = self._size_kv_pool()
         self._allocate_kv_pool(self.num_kv_blocks)
+        pool_tokens = self.num_kv_blocks * self.block_size
+        logger.info(
+            "KV cache (%s): %d pages of %d tokens = %d tokens, %.2f GiB (%.1f requests of max_model_len %d at once), "
+            "sized in %.2f s", self.kv_dtype, self.num_kv_blocks, self.block_size, pool_tokens,
+            self.num_kv_blocks * self.page_bytes() / (1 << 30), pool_tokens / config.max_model_len,
+            config.max_model_len, time.perf_counter() - start,
+        )
+        start = time.perf_counter()
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.name != "torch":
             self.graphs = CUDAGraphRunner(
                 self.model, self.backend, self.device, self.dtype, config.max_num_seqs, config.max_model_len,
                 self.block_size, receives_stage_input=self.receives_stage_input,
             )
             self.graphs.capture()
+            logger.info("CUDA graphs: %d decode batch sizes captured in %.2f s", len(self.graphs.buckets),
+                        time.perf_counter() - start)
         elif self.device.type == "cuda" and self.backend.name == "triton":
             self._compile_decode_kernels()
-        pool_tokens = self.num_kv_blocks * self.block_size
-        logger.info(
-            "model %s on %s in %s, attention backend %s; KV pool (%s): %d pages of %d tokens = %d tokens, "
-            "%.1f requests of max_model_len %d at once",
-            type(self.model).__name__, self.device, self.dtype, self.backend.name, self.kv_dtype, self.num_kv_blocks,
-            self.block_size, pool_tokens, pool_tokens / config.max_model_len, config.max_model_len,
-        )
+            logger.info("decode kernels compiled in %.2f s (no CUDA graphs: enforce_eager)",
+                        time.perf_counter() - start)
 
     def model_class(self, hf_config: Any) -> type:
         """The class to build (a pipeline stage narrows it to its layers)."""

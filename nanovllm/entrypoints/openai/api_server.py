@@ -14,7 +14,7 @@ import argparse
 import asyncio
 import hmac
 import logging
-import signal
+import socket
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from nanovllm.engine.async_llm import AsyncLLM, EngineDeadError
+from nanovllm.entrypoints.chat_template import apply_chat_template
 from nanovllm.entrypoints.openai.errors import APIError, document_errors_as_400, error_body, install_error_handlers
 from nanovllm.entrypoints.openai.http_limits import (
     DEFAULT_CLIENT_TIMEOUT_S,
@@ -49,6 +50,7 @@ from nanovllm.entrypoints.openai.protocol import (
 )
 from nanovllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from nanovllm.entrypoints.openai.serving_completion import OpenAIServingCompletion, json_response
+from nanovllm.entrypoints.openai.startup import ServePlan
 from nanovllm.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -67,6 +69,8 @@ class ServerSettings:
     tool_call_parser: str | None = None  # the model's tool-call format (tool_choice "auto")
     enable_auto_tool_choice: bool = False
     reasoning_parser: str | None = None
+    # what a request leaves out (from the model's generation config: see entrypoints/generation_defaults.py)
+    default_sampling: dict[str, Any] = field(default_factory=dict)
     draining: bool = False
     draining_since: float = field(default=0.0, repr=False)
     exit_code: int = 0
@@ -153,6 +157,7 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
     completions = OpenAIServingCompletion(engine, settings.served_model_names)
     chat = OpenAIServingChat(engine, settings.served_model_names, settings.trust_request_chat_template,
                              settings.tool_call_parser, settings.enable_auto_tool_choice, settings.reasoning_parser)
+    completions.default_sampling = chat.default_sampling = settings.default_sampling
 
     @app.get("/health", response_class=Response, responses={
         200: {"description": "The engine is running (an empty body)."},
@@ -220,9 +225,17 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
 class _Server(uvicorn.Server):
     """uvicorn's server, told when a shutdown signal arrives so that the app can start draining."""
 
-    def __init__(self, config: uvicorn.Config, settings: ServerSettings) -> None:
+    def __init__(self, config: uvicorn.Config, settings: ServerSettings, url: str = "",
+                 started: float | None = None) -> None:
         super().__init__(config)
         self.settings = settings
+        self.url = url
+        self.start_time = time.monotonic() if started is None else started  # (uvicorn's own `started` is a bool)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.should_exit:
+            logger.info("ready on %s (%.1f s after start)", self.url, time.monotonic() - self.start_time)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.settings.start_draining()
@@ -234,36 +247,37 @@ class _Server(uvicorn.Server):
         asyncio.get_running_loop().call_later(2.0, setattr, self, "force_exit", True)
 
 
-def _exit_on_signal(signum: int, _frame: Any) -> None:
-    # SIGTERM while the engine loads, or re-raised by uvicorn after its graceful shutdown: exit through the normal
-    # path, so that `finally` blocks and atexit hooks (which stop the engine core) run
-    sys.exit(128 + signum if signum != signal.SIGTERM else 0)
-
-
-def run_server(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> None:
-    """``nanovllm serve``: start the engine core, then serve until a signal."""
-    signal.signal(signal.SIGTERM, _exit_on_signal)
-    engine = AsyncLLM.from_engine_args(args.model, **engine_kwargs)
+def run_server(args: argparse.Namespace, plan: ServePlan) -> None:
+    """``nanovllm serve`` once ``startup.prepare_serve`` has checked the flags and bound the port: start the engine
+    core (config, weights, KV cache and CUDA graphs log their times), then serve until a signal."""
     try:
+        engine = AsyncLLM(plan.config)
+    except BaseException:
+        plan.sock.close()
+        raise
+    try:
+        if plan.chat_template is not None:
+            apply_chat_template(engine.tokenizer, plan.chat_template)
         names = args.served_model_name or [args.model]
         settings = ServerSettings(
             served_model_names=names, model_root=args.model, api_key=args.api_key,
             shutdown_timeout_s=args.shutdown_timeout, max_request_bytes=args.max_request_bytes,
             client_timeout_s=args.client_timeout, trust_request_chat_template=args.trust_request_chat_template,
             tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
-            reasoning_parser=args.reasoning_parser,
+            reasoning_parser=args.reasoning_parser, default_sampling=plan.default_sampling,
         )
         app = build_app(engine, settings)
         config = uvicorn.Config(
-            app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+            app, log_level=args.uvicorn_log_level,
             # uvicorn's own limit comes after ours, which fails the stragglers cleanly first
             timeout_graceful_shutdown=args.shutdown_timeout + 5, timeout_keep_alive=5,
             http=client_timeout_protocol(args.client_timeout),
         )
-        server = _Server(config, settings)
+        server = _Server(config, settings, plan.url, plan.started)
         settings.request_exit = server.exit_soon
-        server.run()
+        server.run(sockets=[plan.sock])
     finally:
+        plan.sock.close()
         engine.shutdown()
     if settings.exit_code:
         sys.exit(settings.exit_code)

@@ -32,6 +32,8 @@ class OpenAIServing:
         self.served_model_names = served_model_names
         self.tokenizer = engine.tokenizer
         self._token_strings: dict[int, str] = {}
+        # what a request leaves out, as SamplingParams arguments (the model's generation config, set by the server)
+        self.default_sampling: dict[str, Any] = {}
 
     @property
     def model_name(self) -> str:
@@ -101,16 +103,18 @@ class OpenAIServing:
                 logit_bias = {int(token): bias for token, bias in req.logit_bias.items()}
             except ValueError:
                 raise APIError(400, "logit_bias keys must be token ids", param="logit_bias") from None
-        top_k = req.top_k
-        if top_k is not None and top_k >= self.engine.vocab_size:
+        if not {"max_tokens", "max_completion_tokens"} & req.model_fields_set:
+            max_tokens = self.default_sampling.get("max_tokens", max_tokens)
+        top_k = self._value(req, "top_k", -1)
+        if top_k >= self.engine.vocab_size:
             top_k = -1  # keeping the whole vocabulary is no filter (and keeps huge values off the device)
         try:
             return SamplingParams(
                 n=req.n,
-                temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p,
-                top_k=-1 if top_k is None else top_k,
-                min_p=0.0 if req.min_p is None else req.min_p,
+                temperature=self._value(req, "temperature", 1.0),
+                top_p=self._value(req, "top_p", 1.0),
+                top_k=top_k,
+                min_p=self._value(req, "min_p", 0.0),
                 seed=req.seed,
                 max_tokens=max_tokens,
                 min_tokens=req.min_tokens,
@@ -124,12 +128,19 @@ class OpenAIServing:
                 skip_special_tokens=req.skip_special_tokens,
                 presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty,
-                repetition_penalty=req.repetition_penalty,
+                repetition_penalty=self._value(req, "repetition_penalty", 1.0),
                 logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
             )
         except ValueError as exc:
             raise bad_request(exc, renames) from None
+
+    def _value(self, req: SamplingFields, name: str, neutral: Any) -> Any:
+        """The request's value; where it leaves the field out (or null), the server's default, else ``neutral``."""
+        value = getattr(req, name)
+        if name in req.model_fields_set and value is not None:
+            return value
+        return self.default_sampling.get(name, neutral if value is None else value)
 
     async def add_requests(
         self, request_id: str, prompts: list[Prompt], params: SamplingParams, stream: bool,
