@@ -10,6 +10,7 @@ DEVICES = ("auto", "cuda", "cpu")
 LOAD_FORMATS = ("auto", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 STRUCTURED_OUTPUTS_BACKENDS = ("xgrammar", "llguidance")
+QUANTIZATIONS = ("fp8",)  # besides None: the checkpoint's own quantization_config, if any
 
 
 @dataclass
@@ -31,6 +32,9 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     async_scheduling: bool | None = None  # overlap scheduling with the device; None: on for CUDA
     load_format: str = "auto"
+    # None: as the checkpoint's quantization_config says (FP8 checkpoints); "fp8": FP8 weights (a bf16/fp16
+    # checkpoint is quantized at load, one scale per output channel)
+    quantization: str | None = None
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
     tensor_parallel_size: int = 1
@@ -45,6 +49,8 @@ class EngineConfig:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("device", self.device, DEVICES)
         _check_choice("load_format", self.load_format, LOAD_FORMATS)
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be None or one of {list(QUANTIZATIONS)}, got {self.quantization!r}")
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _check_choice("structured_outputs_backend", self.structured_outputs_backend, STRUCTURED_OUTPUTS_BACKENDS)
         _check_int("max_num_seqs", self.max_num_seqs, minimum=1)

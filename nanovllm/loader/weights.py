@@ -1,5 +1,6 @@
 """Checkpoint tensors into parameters: safetensors (sharded or not), PyTorch ``.bin`` files, GGUF; packed and
-per-expert weights; random weights for ``load_format="dummy"``."""
+per-expert weights; FP8 weights with their scales (each FP8 layer's loader places them; ``process_weights_after_
+loading`` then readies its forward); random weights for ``load_format="dummy"``."""
 from __future__ import annotations
 
 import glob
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from nanovllm.checkpoint_slice import CheckpointSlice
+from nanovllm.layers.quantization import process_weights_after_loading
 from nanovllm.loader.source import is_gguf
 
 logger = logging.getLogger(__name__)
@@ -81,6 +83,11 @@ def map_weight_name(model: nn.Module, name: str) -> tuple[str, object]:
     return name, None
 
 
+# FP8 KV-cache scales of attention layers (vLLM's spelling): loaded where an attention layer has such a parameter
+# (the FP8 KV cache's own loading), not an error where it has none
+_KV_CACHE_SCALES = (".k_scale", ".v_scale", ".kv_scale")
+
+
 def load_weights(model: nn.Module, path: str) -> None:
     params = dict(model.named_parameters())
     skip = set(getattr(model, "skip_weights", ()))
@@ -90,6 +97,11 @@ def load_weights(model: nn.Module, path: str) -> None:
     for name, tensor in iter_checkpoint(path, model.config):
         if name in skip or "rotary_emb.inv_freq" in name:
             continue
+        if name.endswith("_zero_point"):  # compressed-tensors' symmetric FP8 may store zero points: all zeros
+            if tensor.float().abs().max() != 0:
+                raise ValueError(f"checkpoint tensor {name!r} has non-zero zero points: asymmetric quantization "
+                                 "is not supported")
+            continue
         param_name, shard_id = map_weight_name(model, name)
         if hasattr(model, "map_expert_weight"):  # MoE: one checkpoint tensor per expert into stacked weights
             param_name, shard_id = model.map_expert_weight(param_name, shard_id)
@@ -97,21 +109,39 @@ def load_weights(model: nn.Module, path: str) -> None:
         if param is None:
             if getattr(model, "is_pipeline_stage", False):
                 continue  # a layer another pipeline stage owns
+            if name.endswith(_KV_CACHE_SCALES):
+                continue  # the FP8 KV cache's scales: not taken by this model (the KV cache half of FP8 loads them)
             raise ValueError(f"checkpoint tensor {name!r} has no matching parameter ({param_name!r})")
         weight_loader = getattr(param, "weight_loader", _default_weight_loader)
         weight_loader(param, tensor, shard_id)
         loaded.add(param_name)
-    missing = sorted(set(params) - loaded - {"lm_head.weight"} - skip)
+    # FP8 weights quantized at load bring their scales along; the embedding may stand in for a tied LM head
+    derived = {n for n, p in params.items() if getattr(p, "filled_by_weight", False)}
+    missing = sorted(set(params) - loaded - derived - {"lm_head.weight"} - skip)
     if missing:
         raise ValueError(f"checkpoint at {path} lacks weights for {missing[:10]}{'...' if len(missing) > 10 else ''}")
+    process_weights_after_loading(model)
 
 
 @torch.no_grad()
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
-    """Small random weights, drawn on the parameter's own device: enough for benchmarks and smoke tests."""
+    """Small random weights, drawn on the parameter's own device: enough for benchmarks and smoke tests. FP8
+    layers draw the same uniform values and quantize them in their own format."""
+    done: set[int] = set()
+    for index, module in enumerate(model.modules()):
+        method = getattr(module, "quant_method", None)
+        if method is None:
+            continue
+        device = next(module.parameters()).device
+        method.init_dummy(module, torch.Generator(device=device).manual_seed(seed * 100003 + 7919 * index + 1),
+                          -0.05, 0.05)
+        done.update(id(p) for p in module.parameters(recurse=False))
     for index, (name, param) in enumerate(model.named_parameters()):
+        if id(param) in done:
+            continue
         if name.endswith("norm.weight"):
             param.fill_(1.0)
             continue
         generator = torch.Generator(device=param.device).manual_seed(seed * 100003 + index)
         param.uniform_(-0.05, 0.05, generator=generator)
+    process_weights_after_loading(model)
