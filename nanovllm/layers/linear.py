@@ -95,9 +95,9 @@ class LinearBase(nn.Module):
             self.quant_method.load(self, param, loaded, out, self.input_shard())
         else:
             cols = self.input_shard()
-            _check_not_fp8(loaded, self.prefix)
-            param.data.narrow(0, out.dst, out.size).copy_(
-                loaded[out.src:out.src + out.size, cols.src:cols.src + cols.size])
+            values = loaded[out.src:out.src + out.size, cols.src:cols.src + cols.size]
+            _check_not_fp8(values, self.prefix)
+            param.data.narrow(0, out.dst, out.size).copy_(values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_method is not None:

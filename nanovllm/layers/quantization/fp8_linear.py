@@ -116,7 +116,8 @@ class Fp8LinearMethod:
                                  f"quantization_config makes this layer FP8 ({self.scheme.weight} scales)")
             dst.copy_(values)
             return
-        whole = loaded[rows, :]  # online: each output row's scale comes from the whole row, the same on every rank
+        # online: each output row's scale comes from the whole row (the same on every rank), computed on the device
+        whole = loaded[rows, :].to(dst.device)
         if not whole.is_floating_point() or whole.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             raise ValueError(f"{layer.prefix}: quantization='fp8' quantizes floating-point weights, but the "
                              f"checkpoint's are {whole.dtype} without a quantization_config")

@@ -87,7 +87,7 @@ class Fp8MoEMethod:
                                  "quantization_config makes the experts FP8")
             dst.copy_(values)
             return
-        whole = loaded[rows, :]  # online: scales from whole rows, the same on every rank
+        whole = loaded[rows, :].to(dst.device)  # online: scales from whole rows, the same on every rank
         if not whole.is_floating_point() or whole.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             raise ValueError(f"{moe.prefix}: quantization='fp8' quantizes floating-point weights, got {whole.dtype}")
         scale = scale_from_amax(whole.abs().amax(dim=1))
