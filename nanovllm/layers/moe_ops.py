@@ -114,9 +114,12 @@ def moe_reference_fp8(
     w2_64 = dequantize(w2, w2_scale, (128, 128), torch.float64)
     out = torch.zeros(hidden.shape, dtype=torch.float64, device=hidden.device)
     top_k = topk_ids.shape[1]
-    for pair, expert in enumerate(topk_ids.reshape(-1).tolist()):
-        token = pair // top_k
-        gate, up = (quantized(hidden[token:token + 1]) @ w13_64[expert].T).chunk(2, dim=-1)
+    flat_ids = topk_ids.reshape(-1).long()
+    flat_weights = topk_weights.reshape(-1).double()
+    for expert in flat_ids.unique().tolist():  # rows are quantized one by one, so an expert's rows go together
+        pairs = (flat_ids == expert).nonzero().squeeze(1)
+        tokens = pairs // top_k
+        gate, up = (quantized(hidden[tokens]) @ w13_64[expert].T).chunk(2, dim=-1)
         act = (F.silu(gate) * up).to(hidden.dtype)
-        out[token] += (quantized(act) @ w2_64[expert].T)[0] * float(topk_weights.reshape(-1)[pair])
+        out.index_add_(0, tokens, (quantized(act) @ w2_64[expert].T) * flat_weights[pairs, None])
     return out
