@@ -4,14 +4,21 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from nanovllm.config import ATTENTION_BACKENDS, DEVICES, DTYPES, LOAD_FORMATS, STRUCTURED_OUTPUTS_BACKENDS
+from nanovllm.config import (
+    ATTENTION_BACKENDS,
+    DEVICES,
+    DTYPES,
+    LOAD_FORMATS,
+    QUANTIZATIONS,
+    STRUCTURED_OUTPUTS_BACKENDS,
+)
 
 # flag destination -> EngineConfig field (the same name everywhere, which keeps this table honest)
 _ENGINE_FIELDS = (
     "tokenizer", "revision", "dtype", "device", "seed", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
     "block_size", "num_kv_blocks", "gpu_memory_utilization", "cpu_kv_cache_gib", "enforce_eager", "load_format",
     "enable_prefix_caching", "attention_backend", "tensor_parallel_size", "pipeline_parallel_size",
-    "trust_remote_code", "structured_outputs_backend",
+    "trust_remote_code", "structured_outputs_backend", "quantization",
 )
 
 
@@ -33,6 +40,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cpu-kv-cache-gib", type=float, default=None)
     group.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")
     group.add_argument("--load-format", choices=LOAD_FORMATS, default=None)
+    group.add_argument("--quantization", "-q", choices=QUANTIZATIONS, default=None,
+                       help="fp8: FP8 weights, a bf16 checkpoint quantized at load (default: as the checkpoint's "
+                            "quantization_config says)")
     group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
     group.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=None)
     group.add_argument("--tensor-parallel-size", "-tp", type=int, default=None)
