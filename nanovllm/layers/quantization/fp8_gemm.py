@@ -24,8 +24,14 @@ _PAD_M = 16
 
 @functools.cache
 def fp8_supported(device: torch.device) -> bool:
-    """FP8 tensor cores: CUDA compute capability 8.9 (Ada) or newer."""
+    """FP8 tensor cores (the Triton kernels): CUDA compute capability 8.9 (Ada) or newer."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+@functools.cache
+def rowwise_supported(device: torch.device) -> bool:
+    """``torch._scaled_mm`` with row-wise scales: Hopper (9.0) or newer (its kernel is not built for Ada everywhere)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def rowwise_shapes_ok(n: int, k: int) -> bool:

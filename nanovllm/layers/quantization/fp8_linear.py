@@ -14,7 +14,8 @@ and where a merged layer's part goes) to ``load``:
   scale: repeated over its part's rows; ``input_scale``: the largest over a merged layer's parts.
 
 After loading, ``process_after_loading`` picks the forward. On a GPU with FP8 tensor cores the weights stay FP8
-(``fp8_gemm.py``). Elsewhere (the CPU, older GPUs) the weight is dequantized to the compute dtype once, here: a
+(``fp8_gemm.py``: block scales from compute capability 8.9, per-channel ones through ``torch._scaled_mm`` from 9.0).
+Elsewhere (the CPU, older GPUs) the weight is dequantized to the compute dtype once, here: a
 forward then costs what an unquantized one does, where dequantizing per forward would read and convert every weight
 each step; activations are not quantized on this path (the layer computes as W8A16; static ``input_scale`` s are
 used only by the GPU path).
@@ -149,7 +150,7 @@ class Fp8LinearMethod:
             self.backend = fp8_gemm.BLOCK_BACKEND
             if self.backend == "scaled_mm":
                 self._scaled_mm_scale = fp8_gemm.block_scale_for_scaled_mm(scale.data)
-        elif fp8_gemm.fp8_supported(device) and fp8_gemm.rowwise_shapes_ok(n, k):
+        elif fp8_gemm.rowwise_supported(device) and fp8_gemm.rowwise_shapes_ok(n, k):
             self.backend = "rowwise"
             self._scale_row = scale.data.view(1, n)
         else:
