@@ -94,6 +94,7 @@ def load_weights(model: nn.Module, path: str) -> None:
     if getattr(model, "tie_word_embeddings", False):
         skip.add("lm_head.weight")
     loaded: set[str] = set()
+    kv_scales_skipped = 0
     for name, tensor in iter_checkpoint(path, model.config):
         if name in skip or "rotary_emb.inv_freq" in name:
             continue
@@ -109,12 +110,16 @@ def load_weights(model: nn.Module, path: str) -> None:
         if param is None:
             if getattr(model, "is_pipeline_stage", False):
                 continue  # a layer another pipeline stage owns
-            if name.endswith(_KV_CACHE_SCALES):
-                continue  # the FP8 KV cache's scales: not taken by this model (the KV cache half of FP8 loads them)
+            if name.endswith(_KV_CACHE_SCALES):  # the FP8 KV cache's scales, which no parameter here takes
+                kv_scales_skipped += 1
+                continue
             raise ValueError(f"checkpoint tensor {name!r} has no matching parameter ({param_name!r})")
         weight_loader = getattr(param, "weight_loader", _default_weight_loader)
         weight_loader(param, tensor, shard_id)
         loaded.add(param_name)
+    if kv_scales_skipped:
+        logger.info("checkpoint has %d KV-cache scales (k_scale / v_scale) that no parameter of this model takes; "
+                    "not used", kv_scales_skipped)
     # FP8 weights quantized at load bring their scales along; the embedding may stand in for a tied LM head
     derived = {n for n, p in params.items() if getattr(p, "filled_by_weight", False)}
     missing = sorted(set(params) - loaded - derived - {"lm_head.weight"} - skip)
