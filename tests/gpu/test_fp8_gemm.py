@@ -3,7 +3,7 @@
 Activation quantization (``kernels/fp8_quant.py``) must equal the torch reference bit for bit. The GEMMs are held
 to relative Frobenius error bounds against float64 ``quant(x) @ dequant(W)^T`` (the same quantization of x as the
 kernel's, so what remains is accumulation and output rounding): FP8 products are exact in float32, so a float32
-output is within ~1e-6; a bf16 output rounds each element once (2^-9 relative, ~1.5e-3 in Frobenius norm), fp16
+output is within ~1e-6 (3e-4 on the GPU, whose FP8 tensor cores accumulate with fewer bits); a bf16 output rounds each element once (2^-9 relative, ~1.5e-3 in Frobenius norm), fp16
 once at 2^-12. The FP8 fused MoE rounds its SwiGLU intermediate to the activation dtype and quantizes it again, where
 a one-ulp difference from the reference can move an fp8 rounding (2^-4 relative for that element): bf16 gets 3e-2.
 
@@ -38,7 +38,10 @@ SMALL = DEVICE is None or DEVICE.type != "cuda"
 pytestmark = kernel_test_marks(DEVICE)
 CUDA_ONLY = pytest.mark.skipif(SMALL or not fp8_gemm.rowwise_supported(DEVICE),
                                reason="torch._scaled_mm with FP8 scales: CUDA 9.0+")
-RTOL = {torch.bfloat16: 4e-3, torch.float16: 1e-3, torch.float32: 1e-5}
+# float32: exact products, float32 sums; on the GPU the FP8 tensor cores also accumulate each 128-deep block with
+# about 14 bits (as DeepSeek-V3's report measures on Hopper) before the kernel adds it in float32
+F32_RTOL = 1e-5 if SMALL else 3e-4
+RTOL = {torch.bfloat16: 4e-3, torch.float16: 1e-3, torch.float32: F32_RTOL}
 F8 = torch.float8_e4m3fn
 
 
@@ -175,4 +178,4 @@ def test_fused_moe_fp8(m: int, e: int, k: int, h: int, i: int, dtype: torch.dtyp
     out = fused_moe(hidden, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2, poison=True)
     assert out.shape == (m, h) and out.dtype == dtype and torch.isfinite(out).all()
     ref = moe_reference_fp8(hidden, q13, q2, s13, s2, weights, ids)
-    assert rel_err(out, ref) < (3e-2 if dtype == torch.bfloat16 else 1e-5)
+    assert rel_err(out, ref) < (3e-2 if dtype == torch.bfloat16 else F32_RTOL)
