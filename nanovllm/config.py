@@ -13,6 +13,7 @@ LOAD_FORMATS = ("auto", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 STRUCTURED_OUTPUTS_BACKENDS = ("xgrammar", "llguidance")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+QUANTIZATIONS = ("fp8",)  # besides None: the checkpoint's own quantization_config, if any
 
 
 def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, aliases: tuple[str, ...] = ()) -> Any:
@@ -48,6 +49,9 @@ class EngineConfig:
                                                  "this one (default: on for CUDA)")
     load_format: str = option("auto", "auto: the checkpoint's files; dummy: random weights from the config alone",
                               choices=LOAD_FORMATS)
+    quantization: str | None = option(None, "fp8: FP8 weights, a bf16/fp16 checkpoint quantized at load, one scale "
+                                            "per output channel (default: as the checkpoint's quantization_config "
+                                            "says)", choices=QUANTIZATIONS, aliases=("-q",))
     enable_prefix_caching: bool = option(True, "reuse the KV pages of shared prompt prefixes (radix cache)")
     attention_backend: str = option("auto", "auto: triton on CUDA, torch elsewhere", choices=ATTENTION_BACKENDS)
     tensor_parallel_size: int = option(1, "split every layer over this many GPUs", aliases=("-tp",))
@@ -67,6 +71,8 @@ class EngineConfig:
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
         _check_choice("device", self.device, DEVICES)
         _check_choice("load_format", self.load_format, LOAD_FORMATS)
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be None or one of {list(QUANTIZATIONS)}, got {self.quantization!r}")
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _check_choice("structured_outputs_backend", self.structured_outputs_backend, STRUCTURED_OUTPUTS_BACKENDS)
         _check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)

@@ -77,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--load-format", default=None, help="'dummy' (default for presets) or 'auto'")
+    parser.add_argument("--quantization", default=None, choices=["fp8"],
+                        help="FP8 weights (default: as the checkpoint's quantization_config says)")
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -121,6 +123,7 @@ def main(args: argparse.Namespace) -> dict:
         gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
         enable_prefix_caching=not args.no_prefix_caching, tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size, kv_cache_dtype=args.kv_cache_dtype,
+        quantization=args.quantization,
     )
     if args.max_num_batched_tokens:
         engine_args["max_num_batched_tokens"] = args.max_num_batched_tokens

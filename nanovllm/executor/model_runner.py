@@ -19,6 +19,7 @@ from nanovllm.layers.attention import make_attention_backend
 from nanovllm.layers.attention.context import set_forward_context
 from nanovllm.layers.attention.kv_quant import is_fp8, kv_cache_torch_dtype
 from nanovllm.layers.attention.layer import Attention
+from nanovllm.layers.quantization import resolve_quant_config
 from nanovllm.layers.sampler import Sampler, top_logprobs
 from nanovllm.loader import init_dummy_weights, load_weights
 from nanovllm.models.pipeline_stage import StageTensors
@@ -71,12 +72,13 @@ class ModelRunner:
         # compiled norms and split-K projections (CUDA, not enforce_eager)
         self.fast_path = self.device.type == "cuda" and not config.enforce_eager
         model_class = self.model_class(hf_config)
+        quant_config = resolve_quant_config(config.quantization, hf_config)  # FP8 weights, or None
         start = time.perf_counter()
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                self.model = model_class(hf_config, self.fast_path)
+                self.model = model_class(hf_config, self.fast_path, quant_config)
         finally:
             torch.set_default_dtype(default_dtype)
         num_kv_scales = 0

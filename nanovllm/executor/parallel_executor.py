@@ -50,6 +50,7 @@ from nanovllm.distributed.groups import (
 from nanovllm.executor.base import LaunchedStep, ModelOutput
 from nanovllm.executor.input_batch import HostBatch
 from nanovllm.executor.parallel_checks import check_devices, check_parallel_sizes
+from nanovllm.layers.quantization import resolve_quant_config
 from nanovllm.executor.worker import (
     JOINING_KEY,
     StepTimeout,
@@ -200,6 +201,7 @@ class ParallelExecutor:
         tp_size, pp_size = config.tensor_parallel_size, config.pipeline_parallel_size
         world_size = tp_size * pp_size
         check_parallel_sizes(config.hf_config, tp_size, pp_size)
+        resolve_quant_config(config.quantization, config.hf_config)  # a bad FP8 config fails before any worker starts
         use_cuda = uses_cuda(config)
         env = torchrun_env()
         self._workers = _Workers()

@@ -19,6 +19,12 @@ Same contract as ``nanovllm.layers.moe_ops.moe_reference`` (its torch reference 
 3. GEMM 2: contiguous rows of ``inter`` times ``w2[e]^T``, scaled by the routing weight and written
    to ``out_pairs [M*k, H]`` at the pair index; ``out = out_pairs.view(M, k, H).sum(1)``. Each output
    element is written exactly once, so the result does not depend on scheduling.
+
+FP8 experts (Hugging Face fine-grained FP8: float8_e4m3fn weights, one float32 scale per 128x128 block,
+``w13_scale [E, 2I/128, H/128]``, ``w2_scale [E, H/128, I/128]``) run the same GEMMs with ``BLOCK_K = 128``: each
+K step quantizes its activation tile per row (one 128-column group, as ``kernels/fp8_block_gemm.py`` does), takes
+the FP8 dot and adds it into the float32 accumulator times the row and block scales. Reference:
+``moe_ops.moe_reference_fp8``.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels import INTERPRET
+from nanovllm.kernels.fp8_quant import quantize_tile, scale_of
 
 
 @dataclass(frozen=True)
@@ -207,11 +214,25 @@ def _dot(a, b, acc, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
+@triton.jit
+def _fp8_dot(a, b, b_scale_ptrs, acc, EMULATE: tl.constexpr):
+    """``acc + quant(a) @ b`` times the rows' and the block's scales: ``a`` one 128-column group, ``b`` FP8."""
+    af = a.to(tl.float32)
+    a_scale = scale_of(tl.max(tl.abs(af), 1))
+    aq = quantize_tile(af, a_scale[:, None], EMULATE)
+    if EMULATE:
+        part = tl.dot(aq.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        part = tl.dot(aq, b)
+    return acc + part * a_scale[:, None] * tl.load(b_scale_ptrs)[None, :]
+
+
 @triton.jit(do_not_specialize=["num_pairs", "num_blocks_m"])
 def _moe_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, seg_end_ptr,
+    a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, seg_end_ptr, bs_ptr,
     num_pairs, num_blocks_m, E, TOP_K,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
+    stride_bse, stride_bsn, stride_bsk,
     N: tl.constexpr, K: tl.constexpr,  # model dimensions: fixed per layer, so no recompiles
     E_PAD: tl.constexpr,
     A_BY_TOKEN: tl.constexpr,   # a rows are tokens (pair // TOP_K), else padded positions
@@ -221,6 +242,7 @@ def _moe_gemm_kernel(
     EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST: tl.constexpr,
+    FP8: tl.constexpr,          # b is FP8 with 128x128 block scales at bs_ptr (BLOCK_K == 128)
 ):
     # Grouped launch order: GROUP_M row blocks (mostly of one expert) sweep the N tiles together,
     # so each weight tile is fetched from HBM once and re-read from L2.
@@ -256,6 +278,9 @@ def _moe_gemm_kernel(
 
     a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + expert * stride_be + offs_bn[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    # FP8: this tile's columns' block-scale rows (the up half's lie N rows further), stepped one K block at a time
+    bs_ptrs = bs_ptr + expert * stride_bse + (offs_bn // 128) * stride_bsn
+    bs_up_ptrs = bs_ptr + expert * stride_bse + ((offs_bn + N) // 128) * stride_bsn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -266,13 +291,19 @@ def _moe_gemm_kernel(
             k_ok = offs_k < K - k0
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = _dot(a, b, acc, UPCAST)
+        if FP8:
+            acc = _fp8_dot(a, b, bs_ptrs + (k0 // 128) * stride_bsk, acc, UPCAST)
+        else:
+            acc = _dot(a, b, acc, UPCAST)
         if GATED:
             if EVEN_K:
                 b_up = tl.load(b_ptrs + N * stride_bn)
             else:
                 b_up = tl.load(b_ptrs + N * stride_bn, mask=k_ok[:, None], other=0.0)
-            acc_up = _dot(a, b_up, acc_up, UPCAST)
+            if FP8:
+                acc_up = _fp8_dot(a, b_up, bs_up_ptrs + (k0 // 128) * stride_bsk, acc_up, UPCAST)
+            else:
+                acc_up = _dot(a, b_up, acc_up, UPCAST)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
@@ -291,19 +322,21 @@ def _moe_gemm_kernel(
 
 def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, weights: torch.Tensor,
                   align: MoEAlignment, top_k: int, *, n: int, a_by_token: bool, c_by_pair: bool,
-                  gated: bool, mul_weight: bool, cfg: MoEConfig) -> None:
+                  gated: bool, mul_weight: bool, cfg: MoEConfig, b_scale: torch.Tensor | None = None) -> None:
     k = a.shape[1]
     num_experts = b.shape[0]
     num_blocks_m = align.sorted_ids.numel() // align.block_m
     grid = (num_blocks_m * triton.cdiv(n, cfg.block_n),)
+    bs = b_scale if b_scale is not None else weights  # a placeholder pointer when not FP8
+    bs_strides = b_scale.stride() if b_scale is not None else (0, 0, 0)
     _moe_gemm_kernel[grid](
-        a, b, c, weights, align.sorted_ids, align.seg_end, weights.numel(), num_blocks_m,
+        a, b, c, weights, align.sorted_ids, align.seg_end, bs, weights.numel(), num_blocks_m,
         num_experts, top_k,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1), *bs_strides,
         N=n, K=k, E_PAD=triton.next_power_of_2(num_experts), A_BY_TOKEN=a_by_token, C_BY_PAIR=c_by_pair, GATED=gated,
         MUL_WEIGHT=mul_weight, EVEN_K=k % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        UPCAST=INTERPRET, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        UPCAST=INTERPRET, FP8=b_scale is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
@@ -314,14 +347,18 @@ def fused_moe(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     *,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
     config: MoEConfig | None = None,
     poison: bool = False,
 ) -> torch.Tensor:
-    """SwiGLU experts on routed tokens; same contract as ``moe_reference``.
+    """SwiGLU experts on routed tokens; same contract as ``moe_reference`` (``moe_reference_fp8`` for FP8).
 
     Args:
         hidden: ``[M, H]``; w13: ``[E, 2*I, H]`` (gate rows then up rows); w2: ``[E, H, I]``.
         topk_weights: ``[M, k]`` routing weights; topk_ids: ``[M, k]`` expert ids.
+        w13_scale, w2_scale: for float8_e4m3fn ``w13``/``w2``, their float32 128x128 block scales
+            ``[E, 2*I/128, H/128]`` and ``[E, H/128, I/128]`` (I a multiple of 128).
         config: tile override (benchmarks, tuning); default ``pick_config``.
         poison: fill the work buffers with NaN first, so tests catch rows the kernels never write.
 
@@ -335,10 +372,22 @@ def fused_moe(
     assert w13.shape == (num_experts, 2 * inter_size, hidden_size), w13.shape
     assert w2.shape == (num_experts, hidden_size, inter_size), w2.shape
     assert topk_weights.shape == topk_ids.shape == (num_tokens, top_k)
+    fp8 = w13.dtype == torch.float8_e4m3fn
+    if fp8 != (w13_scale is not None) or fp8 != (w2_scale is not None) or (fp8 and inter_size % 128):
+        raise ValueError("FP8 experts take both block scales (and an intermediate size that is a multiple of 128); "
+                         "unquantized experts take none")
     if num_tokens == 0:
         return hidden.new_empty(0, hidden_size)
-    cfg = config or fit_shared_memory(pick_config(num_tokens, num_experts, top_k), w13.element_size(),
-                                      shared_memory_per_block(hidden.device))
+    if config is not None:
+        cfg = config
+    elif fp8:  # one K step per 128-column scale block; the tiles hold bf16 activations, so budget 2 bytes each
+        cfg = dataclasses.replace(pick_config(num_tokens, num_experts, top_k), block_k=128)
+        cfg = fit_shared_memory(cfg, hidden.element_size(), shared_memory_per_block(hidden.device))
+    else:
+        cfg = fit_shared_memory(pick_config(num_tokens, num_experts, top_k), w13.element_size(),
+                                shared_memory_per_block(hidden.device))
+    if fp8 and cfg.block_k != 128:
+        raise ValueError(f"FP8 experts need block_k 128, got {cfg.block_k}")
     align = moe_align(topk_ids, num_experts, cfg.block_m)
     weights = topk_weights.reshape(-1).float().contiguous()
     num_pairs = weights.numel()
@@ -350,8 +399,8 @@ def fused_moe(
         out_pairs.fill_(float("nan"))
 
     _grouped_gemm(hidden, w13, inter, weights, align, top_k, n=inter_size, a_by_token=True,
-                  c_by_pair=False, gated=True, mul_weight=False, cfg=cfg)
+                  c_by_pair=False, gated=True, mul_weight=False, cfg=cfg, b_scale=w13_scale)
     _grouped_gemm(inter, w2, out_pairs, weights, align, top_k, n=hidden_size, a_by_token=False,
-                  c_by_pair=True, gated=False, mul_weight=True, cfg=cfg)
+                  c_by_pair=True, gated=False, mul_weight=True, cfg=cfg, b_scale=w2_scale)
     # bf16 sum accumulates in fp32 inside torch and rounds once
     return out_pairs.view(num_tokens, top_k, hidden_size).sum(dim=1)

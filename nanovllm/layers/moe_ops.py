@@ -87,3 +87,39 @@ def moe_reference(
         y = (F.silu(gate) * up) @ w2[expert].T
         out.index_add_(0, tokens, y.to(acc_dtype) * flat_weights[pairs].to(acc_dtype)[:, None])
     return out.to(hidden.dtype)
+
+
+def moe_reference_fp8(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2_scale: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """The fused kernel's FP8 arithmetic (block-scaled experts) in float64, the oracle of its FP8 path.
+
+    Each expert's input rows are quantized per token and 128-column group and multiplied by the dequantized
+    ``w13``; the SwiGLU output is rounded to ``hidden.dtype`` (the kernel's intermediate buffer), quantized the
+    same way and multiplied by the dequantized ``w2``. Returns ``[M, H]`` float64.
+    """
+    from nanovllm.layers.quantization.fp8_formats import dequantize, quantize_tokens
+
+    def quantized(x: torch.Tensor) -> torch.Tensor:
+        q, scale = quantize_tokens(x, 128)
+        return q.double() * scale.double().repeat_interleave(128, dim=1)[:, :x.shape[1]]
+
+    w13_64 = dequantize(w13, w13_scale, (128, 128), torch.float64)
+    w2_64 = dequantize(w2, w2_scale, (128, 128), torch.float64)
+    out = torch.zeros(hidden.shape, dtype=torch.float64, device=hidden.device)
+    top_k = topk_ids.shape[1]
+    flat_ids = topk_ids.reshape(-1).long()
+    flat_weights = topk_weights.reshape(-1).double()
+    for expert in flat_ids.unique().tolist():  # rows are quantized one by one, so an expert's rows go together
+        pairs = (flat_ids == expert).nonzero().squeeze(1)
+        tokens = pairs // top_k
+        gate, up = (quantized(hidden[tokens]) @ w13_64[expert].T).chunk(2, dim=-1)
+        act = (F.silu(gate) * up).to(hidden.dtype)
+        out.index_add_(0, tokens, (quantized(act) @ w2_64[expert].T) * flat_weights[pairs, None])
+    return out

@@ -1,5 +1,6 @@
 """Checkpoint tensors into parameters: safetensors (sharded or not), PyTorch ``.bin`` files, GGUF; packed and
-per-expert weights; random weights for ``load_format="dummy"``."""
+per-expert weights; FP8 weights with their scales (each FP8 layer's loader places them; ``process_weights_after_
+loading`` then readies its forward); random weights for ``load_format="dummy"``."""
 from __future__ import annotations
 
 import glob
@@ -13,6 +14,7 @@ from torch import nn
 
 from nanovllm.checkpoint_slice import CheckpointSlice
 from nanovllm.loader.kv_scales import load_kv_scale
+from nanovllm.layers.quantization import process_weights_after_loading
 from nanovllm.loader.source import is_gguf
 
 logger = logging.getLogger(__name__)
@@ -96,6 +98,11 @@ def load_weights(model: nn.Module, path: str) -> int:
         if load_kv_scale(model, name, tensor):
             num_kv_scales += 1
             continue
+        if name.endswith("_zero_point"):  # compressed-tensors' symmetric FP8 may store zero points: all zeros
+            if tensor.float().abs().max() != 0:
+                raise ValueError(f"checkpoint tensor {name!r} has non-zero zero points: asymmetric quantization "
+                                 "is not supported")
+            continue
         param_name, shard_id = map_weight_name(model, name)
         if hasattr(model, "map_expert_weight"):  # MoE: one checkpoint tensor per expert into stacked weights
             param_name, shard_id = model.map_expert_weight(param_name, shard_id)
@@ -107,18 +114,34 @@ def load_weights(model: nn.Module, path: str) -> int:
         weight_loader = getattr(param, "weight_loader", _default_weight_loader)
         weight_loader(param, tensor, shard_id)
         loaded.add(param_name)
-    missing = sorted(set(params) - loaded - {"lm_head.weight"} - skip)
+    # FP8 weights quantized at load bring their scales along; the embedding may stand in for a tied LM head
+    derived = {n for n, p in params.items() if getattr(p, "filled_by_weight", False)}
+    missing = sorted(set(params) - loaded - derived - {"lm_head.weight"} - skip)
     if missing:
         raise ValueError(f"checkpoint at {path} lacks weights for {missing[:10]}{'...' if len(missing) > 10 else ''}")
+    process_weights_after_loading(model)
     return num_kv_scales
 
 
 @torch.no_grad()
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
-    """Small random weights, drawn on the parameter's own device: enough for benchmarks and smoke tests."""
+    """Small random weights, drawn on the parameter's own device: enough for benchmarks and smoke tests. FP8
+    layers draw the same uniform values and quantize them in their own format."""
+    done: set[int] = set()
+    for index, module in enumerate(model.modules()):
+        method = getattr(module, "quant_method", None)
+        if method is None:
+            continue
+        device = next(module.parameters()).device
+        method.init_dummy(module, torch.Generator(device=device).manual_seed(seed * 100003 + 7919 * index + 1),
+                          -0.05, 0.05)
+        done.update(id(p) for p in module.parameters(recurse=False))
     for index, (name, param) in enumerate(model.named_parameters()):
+        if id(param) in done:
+            continue
         if name.endswith("norm.weight"):
             param.fill_(1.0)
             continue
         generator = torch.Generator(device=param.device).manual_seed(seed * 100003 + index)
         param.uniform_(-0.05, 0.05, generator=generator)
+    process_weights_after_loading(model)

@@ -20,4 +20,5 @@ class LlamaForCausalLM(Qwen3ForCausalLM):
         return Qwen3DecoderLayer(
             config, qkv_bias=attention_bias, qk_norm=False, o_bias=attention_bias,
             mlp_bias=bool(getattr(config, "mlp_bias", False)), fast_path=self.fast_path,
+            quant_config=self.quant_config, prefix=f"model.layers.{layer_index}",
         )

@@ -46,8 +46,8 @@ def stage_model_class(base: type[nn.Module], start: int, end: int, first: bool, 
     class PipelineStage(base):  # type: ignore[misc, valid-type]
         is_pipeline_stage = True  # the loader skips checkpoint tensors of layers other stages own
 
-        def __init__(self, config: Any, fast_path: bool = False) -> None:
-            super().__init__(config, fast_path)
+        def __init__(self, config: Any, fast_path: bool = False, quant_config: Any = None) -> None:
+            super().__init__(config, fast_path, quant_config)
             inner = getattr(self, "model", None)
             if inner is None or not all(hasattr(inner, n) for n in ("embed_tokens", "layers", "norm")):
                 raise ValueError(f"{base.__name__} does not have the embed_tokens / layers / norm layout that "

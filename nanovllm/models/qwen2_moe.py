@@ -14,11 +14,14 @@ class Qwen2MoeForCausalLM(Qwen3ForCausalLM):
     qk_norm = False
 
     def make_layer(self, config: Any, layer_index: int) -> nn.Module:
+        prefix = f"model.layers.{layer_index}"
         mlp = None
         if is_sparse_layer(config, layer_index):
-            shared = Qwen3MLP(config.hidden_size, config.shared_expert_intermediate_size)
-            mlp = SparseMoeBlock(config, shared_expert=shared)
-        return Qwen3DecoderLayer(config, self.qkv_bias, self.qk_norm, mlp=mlp, fast_path=self.fast_path)
+            shared = Qwen3MLP(config.hidden_size, config.shared_expert_intermediate_size,
+                              quant_config=self.quant_config, prefix=f"{prefix}.mlp.shared_expert")
+            mlp = SparseMoeBlock(config, shared_expert=shared, quant_config=self.quant_config, prefix=f"{prefix}.mlp")
+        return Qwen3DecoderLayer(config, self.qkv_bias, self.qk_norm, mlp=mlp, fast_path=self.fast_path,
+                                 quant_config=self.quant_config, prefix=prefix)
 
     @staticmethod
     def map_expert_weight(param_name: str, shard_id: object) -> tuple[str, object]:

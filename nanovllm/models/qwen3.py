@@ -2,7 +2,8 @@
 
 Qwen3 normalises each head of q and k before RoPE and has no qkv bias; Qwen2 has the qkv bias and no q/k norm.
 A model built with ``fast_path`` (CUDA, not ``enforce_eager``) runs its norms as compiled kernels and lets the two
-projections that feed an add + RMSNorm hand it split-K partial sums.
+projections that feed an add + RMSNorm hand it split-K partial sums. A ``quant_config`` (FP8 weights) reaches every
+linear layer with the layer's checkpoint name (``prefix``), by which the config decides whether it is quantized.
 """
 from __future__ import annotations
 
@@ -16,16 +17,18 @@ from nanovllm.layers.attention.layer import Attention
 from nanovllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import LinearOutput, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from nanovllm.layers.quantization import QuantConfig
 from nanovllm.layers.rotary import RotaryEmbedding, rope_parameters
 
 
 class Qwen3Attention(nn.Module):
     def __init__(self, config: Any, qkv_bias: bool, qk_norm: bool, o_bias: bool = False,
-                 fast_path: bool = False) -> None:
+                 fast_path: bool = False, quant_config: QuantConfig | None = None, prefix: str = "") -> None:
         super().__init__()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.qkv_proj = QKVParallelLinear(
-            config.hidden_size, head_dim, config.num_attention_heads, config.num_key_value_heads, bias=qkv_bias
+            config.hidden_size, head_dim, config.num_attention_heads, config.num_key_value_heads, bias=qkv_bias,
+            quant_config=quant_config, prefix=f"{prefix}.qkv_proj",
         )
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
@@ -33,7 +36,7 @@ class Qwen3Attention(nn.Module):
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
         self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size, bias=o_bias,
-                                        defer_sum=fast_path)
+                                        defer_sum=fast_path, quant_config=quant_config, prefix=f"{prefix}.o_proj")
         self.rotary_emb = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_parameters(config))
         self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, scale=head_dim**-0.5)
         self.qk_norm = qk_norm
@@ -48,10 +51,13 @@ class Qwen3Attention(nn.Module):
 
 
 class Qwen3MLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, defer_sum: bool = False) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, defer_sum: bool = False,
+                 quant_config: QuantConfig | None = None, prefix: str = "") -> None:
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, defer_sum=defer_sum)
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias,
+                                                       quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, defer_sum=defer_sum,
+                                           quant_config=quant_config, prefix=f"{prefix}.down_proj")
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> LinearOutput:
@@ -61,14 +67,17 @@ class Qwen3MLP(nn.Module):
 class Qwen3DecoderLayer(nn.Module):
     def __init__(
         self, config: Any, qkv_bias: bool, qk_norm: bool, o_bias: bool = False, mlp_bias: bool = False,
-        mlp: nn.Module | None = None, fast_path: bool = False,
+        mlp: nn.Module | None = None, fast_path: bool = False, quant_config: QuantConfig | None = None,
+        prefix: str = "",
     ) -> None:
         super().__init__()
         # both projections feed an add + RMSNorm (this layer's, the next layer's or the final norm)
-        self.self_attn = Qwen3Attention(config, qkv_bias, qk_norm, o_bias, fast_path)
+        self.self_attn = Qwen3Attention(config, qkv_bias, qk_norm, o_bias, fast_path, quant_config,
+                                        prefix=f"{prefix}.self_attn")
         # a mixture-of-experts model passes its sparse block here
         self.mlp = mlp if mlp is not None else Qwen3MLP(
-            config.hidden_size, config.intermediate_size, mlp_bias, defer_sum=fast_path)
+            config.hidden_size, config.intermediate_size, mlp_bias, defer_sum=fast_path, quant_config=quant_config,
+            prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, fused=fast_path)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, fused=fast_path)
 
@@ -112,10 +121,11 @@ class Qwen3ForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: Any, fast_path: bool = False) -> None:
+    def __init__(self, config: Any, fast_path: bool = False, quant_config: QuantConfig | None = None) -> None:
         super().__init__()
         self.config = config
         self.fast_path = fast_path
+        self.quant_config = quant_config
         self.model = Qwen3Model(config, self.make_layer, fast_path)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
@@ -123,7 +133,8 @@ class Qwen3ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def make_layer(self, config: Any, layer_index: int) -> nn.Module:
-        return Qwen3DecoderLayer(config, self.qkv_bias, self.qk_norm, fast_path=self.fast_path)
+        return Qwen3DecoderLayer(config, self.qkv_bias, self.qk_norm, fast_path=self.fast_path,
+                                 quant_config=self.quant_config, prefix=f"model.layers.{layer_index}")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)

@@ -14,8 +14,12 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
     qk_norm = True
 
     def make_layer(self, config: Any, layer_index: int) -> nn.Module:
-        mlp = SparseMoeBlock(config) if is_sparse_layer(config, layer_index) else None
-        return Qwen3DecoderLayer(config, self.qkv_bias, self.qk_norm, mlp=mlp, fast_path=self.fast_path)
+        prefix = f"model.layers.{layer_index}"
+        mlp = None
+        if is_sparse_layer(config, layer_index):
+            mlp = SparseMoeBlock(config, quant_config=self.quant_config, prefix=f"{prefix}.mlp")
+        return Qwen3DecoderLayer(config, self.qkv_bias, self.qk_norm, mlp=mlp, fast_path=self.fast_path,
+                                 quant_config=self.quant_config, prefix=prefix)
 
     @staticmethod
     def map_expert_weight(param_name: str, shard_id: object) -> tuple[str, object]:
