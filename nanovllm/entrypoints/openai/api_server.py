@@ -49,6 +49,7 @@ from nanovllm.entrypoints.openai.protocol import (
 )
 from nanovllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from nanovllm.entrypoints.openai.serving_completion import OpenAIServingCompletion, json_response
+from nanovllm.entrypoints.openai.tokenizer_info import add_tokenizer_info_route
 from nanovllm.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class ServerSettings:
     tool_call_parser: str | None = None  # the model's tool-call format (tool_choice "auto")
     enable_auto_tool_choice: bool = False
     reasoning_parser: str | None = None
+    enable_tokenizer_info_endpoint: bool = False  # GET /tokenizer_info, as vLLM's flag of that name
     draining: bool = False
     draining_since: float = field(default=0.0, repr=False)
     exit_code: int = 0
@@ -217,6 +219,8 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
         return json_response(DetokenizeResponse(prompt=await engine.run_in_intake(engine.tokenizer.decode,
                                                                                  request.tokens)))
 
+    if settings.enable_tokenizer_info_endpoint:
+        add_tokenizer_info_route(app, engine.tokenizer, settings.api_key)
     return app
 
 
@@ -254,7 +258,7 @@ def run_server(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> None:
             shutdown_timeout_s=args.shutdown_timeout, max_request_bytes=args.max_request_bytes,
             client_timeout_s=args.client_timeout, trust_request_chat_template=args.trust_request_chat_template,
             tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
-            reasoning_parser=args.reasoning_parser,
+            reasoning_parser=args.reasoning_parser, enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
         )
         app = build_app(engine, settings)
         config = uvicorn.Config(
