@@ -6,6 +6,7 @@ kept, and stop strings."""
 from __future__ import annotations
 
 import random
+import re
 from typing import Any
 
 import pytest
@@ -198,3 +199,11 @@ def test_text_that_may_begin_a_stop_string_is_held_back_until_it_cannot(tiny_tok
     detok = IncrementalDetokenizer(tiny_tokenizer, [], False, ["END"], use_decode_stream=use_stream)
     shown = detok.add(ids("abcEN")) + detok.add(ids("D and more"))
     assert shown == detok.text == "abc" and detok.stop_reason == "END"
+
+
+def test_the_benchmark_runs_and_checks_its_text(capsys: pytest.CaptureFixture[str]) -> None:
+    from nanovllm.benchmarks import detokenize
+
+    detokenize.main(["--num-tokens", "64", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert re.search(r"DecodeStream [0-9.]+ us/token, window [0-9.]+ us/token", out), out
