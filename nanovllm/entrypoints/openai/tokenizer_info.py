@@ -63,7 +63,7 @@ def add_tokenizer_info_route(app: FastAPI, tokenizer: Any, api_key: str | None) 
     """Serve ``GET /tokenizer_info`` from ``app`` (when the endpoint is enabled)."""
     expected = f"Bearer {api_key}".encode() if api_key else None
 
-    def check_api_key(request: Request) -> None:
+    async def check_api_key(request: Request) -> None:
         if expected is None:
             return
         given = request.headers.get("authorization", "").encode()
