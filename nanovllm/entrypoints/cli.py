@@ -61,7 +61,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="model name(s) clients may ask for (default: MODEL)")
     p.add_argument("--api-key", default=os.environ.get("NANOVLLM_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $NANOVLLM_API_KEY)")
+                   help="require 'Authorization: Bearer KEY' on /v1 routes and /tokenizer_info "
+                        "(default: $NANOVLLM_API_KEY)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM")
     p.add_argument("--max-request-bytes", type=int, default=16 << 20,
@@ -87,6 +88,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="the model's tool-call format: hermes (Qwen2.5, Qwen3), llama3_json (Llama 3.1, 3.2)")
     p.add_argument("--reasoning-parser", choices=["qwen3"], default=None,
                    help="return the model's thinking (<think>...</think>) as reasoning_content")
+    p.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
+                   help="serve GET /tokenizer_info (the tokenizer's config and chat template, for lm-eval)")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     add_engine_args(p)

@@ -51,6 +51,7 @@ from nanovllm.entrypoints.openai.protocol import (
 from nanovllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from nanovllm.entrypoints.openai.serving_completion import OpenAIServingCompletion, json_response
 from nanovllm.entrypoints.openai.startup import ServePlan
+from nanovllm.entrypoints.openai.tokenizer_info import add_tokenizer_info_route
 from nanovllm.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class ServerSettings:
     reasoning_parser: str | None = None
     # what a request leaves out (from the model's generation config: see entrypoints/generation_defaults.py)
     default_sampling: dict[str, Any] = field(default_factory=dict)
+    enable_tokenizer_info_endpoint: bool = False  # GET /tokenizer_info, as vLLM's flag of that name
     draining: bool = False
     draining_since: float = field(default=0.0, repr=False)
     exit_code: int = 0
@@ -219,6 +221,8 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
         return json_response(DetokenizeResponse(prompt=await engine.run_in_intake(engine.tokenizer.decode,
                                                                                  request.tokens)))
 
+    if settings.enable_tokenizer_info_endpoint:
+        add_tokenizer_info_route(app, engine.tokenizer, settings.api_key)
     return app
 
 
@@ -265,6 +269,7 @@ def run_server(args: argparse.Namespace, plan: ServePlan) -> None:
             client_timeout_s=args.client_timeout, trust_request_chat_template=args.trust_request_chat_template,
             tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
             reasoning_parser=args.reasoning_parser, default_sampling=plan.default_sampling,
+            enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
         )
         app = build_app(engine, settings)
         config = uvicorn.Config(

