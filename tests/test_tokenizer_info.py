@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from nanovllm.entrypoints.cli import build_parser
-from nanovllm.entrypoints.openai.api_server import ServerSettings, build_app
-from nanovllm.entrypoints.openai.tokenizer_info import PATH, tokenizer_config
+from nanovllm.entrypoints.openai.api_server import ServerSettings
+from nanovllm.entrypoints.openai.tokenizer_info import PATH, add_tokenizer_info_route, tokenizer_config
 from nanovllm.testing import smollm2_gguf
 
 
@@ -50,9 +50,14 @@ def test_values_that_are_not_json_become_json() -> None:
 
 @pytest.mark.parametrize("enabled", [False, True])
 def test_the_route_exists_only_when_enabled(enabled: bool) -> None:
+    """The flag reaches the settings, and the route (and its OpenAPI entry) exists only when added; a live server
+    with the flag is tests/test_lm_eval.py's."""
+    from fastapi import FastAPI
+
     args = build_parser().parse_args(["serve", "m"] + (["--enable-tokenizer-info-endpoint"] if enabled else []))
     assert args.enable_tokenizer_info_endpoint is enabled
-    settings = ServerSettings(served_model_names=["m"], enable_tokenizer_info_endpoint=enabled)
-    app = build_app(SimpleNamespace(tokenizer=None), settings)  # type: ignore[arg-type]
+    app = FastAPI()
+    if ServerSettings(served_model_names=["m"], enable_tokenizer_info_endpoint=enabled).enable_tokenizer_info_endpoint:
+        add_tokenizer_info_route(app, None, None)
     assert (PATH in {getattr(route, "path", None) for route in app.routes}) is enabled
     assert (PATH in app.openapi()["paths"]) is enabled
