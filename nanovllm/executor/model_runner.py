@@ -105,9 +105,10 @@ class ModelRunner:
         pool_tokens = self.num_kv_blocks * self.block_size
         logger.info(
             "model %s on %s in %s, attention backend %s; KV pool: %d pages of %d tokens = %d tokens, "
-            "%.1f requests of max_model_len %d at once",
+            "%d requests of max_model_len %d at once",
             type(self.model).__name__, self.device, self.dtype, self.backend.name, self.num_kv_blocks,
-            self.block_size, pool_tokens, pool_tokens / config.max_model_len, config.max_model_len,
+            self.block_size, pool_tokens, self.num_kv_blocks // -(-config.max_model_len // self.block_size),
+            config.max_model_len,
         )
 
     def model_class(self, hf_config: Any) -> type:
