@@ -22,7 +22,7 @@ def readme_bench_commands() -> list[list[str]]:
     section = text.split("\n## Benchmarks", 1)[1].split("\n## ", 1)[0]
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # continued lines joined
             if line.startswith("nanovllm bench "):
                 commands.append(shlex.split(line, comments=True))
     return commands
