@@ -108,7 +108,8 @@ def test_fit_lengths_shrinks_defaults_and_keeps_given_lengths() -> None:
         budget = rng.randint(4, 5000)
         stretch = 1 + rng.choice([0.0, 0.25, 0.5, 0.9])
         given = rng.choice([None, rng.randint(1, 100)])
-        parts = [lengths.Length("--in", given, rng.randint(1, 4096)), lengths.Length("--out", None, rng.randint(1, 512))]
+        parts = [lengths.Length("--in", given, rng.randint(1, 4096)),
+                 lengths.Length("--out", None, rng.randint(1, 512))]
         try:
             chosen = lengths.fit_lengths(parts, budget, stretch)
         except ValueError as exc:
@@ -207,3 +208,11 @@ def test_a_server_that_refuses_the_key_is_a_server_error(stub: tuple[str, dict])
     routes["/v1/models"] = (401, {"error": {"message": "missing or invalid API key", "code": 401}})
     with pytest.raises(ServerError, match="HTTP 401.*--api-key"):
         discover(url, None, None, 10.0)
+
+
+def test_general_lengths_stand_for_the_dataset_ones() -> None:
+    args = bench_args("serve", "--input-len", "7", "--output-len", "3")
+    assert serve._given(args, "random_input_len", "input_len") == lengths.Length("--input-len", 7, 1024)
+    assert serve._given(args, "random_output_len", "output_len").value == 3
+    both = bench_args("serve", "--input-len", "7", "--random-input-len", "9")
+    assert serve._given(both, "random_input_len", "input_len") == lengths.Length("--random-input-len", 9, 1024)

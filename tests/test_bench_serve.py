@@ -99,8 +99,8 @@ def test_sharegpt_from_a_local_file(server: ServerProcess, qwen3_dir: str, tmp_p
     path = tmp_path / "sharegpt.json"
     path.write_text(json.dumps(records))
     tokenizer = AutoTokenizer.from_pretrained(qwen3_dir)
-    counts = [(len(tokenizer(r["conversations"][0]["value"]).input_ids),
-               len(tokenizer(r["conversations"][1]["value"]).input_ids)) for r in records if len(r["conversations"]) > 1]
+    pairs = [r["conversations"] for r in records if len(r["conversations"]) > 1]
+    counts = [(len(tokenizer(p["value"]).input_ids), len(tokenizer(c["value"]).input_ids)) for p, c, *_ in pairs]
     valid = [(p, c) for p, c in counts if p >= 4 and c >= 4 and p + c <= MAX_MODEL_LEN]
     assert 0 < len(valid) < len(counts)  # the file tests the filter both ways
     out = bench(server, "--dataset-name", "sharegpt", "--dataset-path", str(path), "--num-prompts", str(len(valid)))

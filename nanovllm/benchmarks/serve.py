@@ -68,7 +68,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         sys.exit(f"error: {exc}")
     failed = [r for r in results if not r.success]
     if failed:
-        sys.exit(f"error: {len(failed)} of {len(results)} requests failed; the first: {failed[0].error}")
+        hint = " (give the server's API key with --api-key or $OPENAI_API_KEY)" if " 401" in failed[0].error else ""
+        sys.exit(f"error: {len(failed)} of {len(results)} requests failed; the first: {failed[0].error}{hint}")
     return report
 
 
@@ -236,10 +237,12 @@ def _tokens_per_word(counter: Callable[[list[str]], list[int | None]], max_model
 
 
 def _given(args: argparse.Namespace, name: str, general: str | None = None) -> Length:
-    value = getattr(args, name)
-    if value is None and general is not None:
-        value = getattr(args, general)
-    return Length("--" + name.replace("_", "-"), value, LENGTH_DEFAULTS[name])
+    """The length flag ``name`` as given (else the general ``--input-len``/``--output-len``), with its default."""
+    if getattr(args, name) is None and general is not None and getattr(args, general) is not None:
+        name, default = general, LENGTH_DEFAULTS[name]
+    else:
+        default = LENGTH_DEFAULTS[name]
+    return Length("--" + name.replace("_", "-"), getattr(args, name), default)
 
 
 def _random(args: argparse.Namespace, maker: PromptMaker, budget: Budget) -> list[BenchRequest]:
