@@ -201,6 +201,13 @@ def test_without_tokenizer_info_prompts_are_common_words(stub: tuple[str, dict])
     counted, _ = serve._prompt_maker(bench_args("serve"), info, None,
                                      lambda texts: [3 * len(t.split()) for t in texts])  # 3 tokens a word
     assert counted.tokens_per_word == 3.0
+    # vLLM's /tokenizer_info is tokenizer_config.json (special tokens by id as their text), with no vocabulary size:
+    # the special ids are known, the id range is not, so prompts stay words
+    routes["/tokenizer_info"] = (200, {"tokenizer_class": "Qwen2TokenizerFast", "model_max_length": 1024,
+                                       "added_tokens_decoder": {"477": "<|endoftext|>", "478": "<|im_start|>"}})
+    info = discover(url, None, None, 10.0)
+    assert info.vocab_size is None and info.special_ids == frozenset({477, 478})
+    assert not serve._prompt_maker(bench_args("serve"), info, None, None)[0].exact
 
 
 def test_a_server_that_refuses_the_key_is_a_server_error(stub: tuple[str, dict]) -> None:
