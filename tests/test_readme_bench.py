@@ -48,7 +48,7 @@ def test_the_readme_has_bench_commands() -> None:
 def test_offline_bench_command(command: list[str], qwen3_dir: str) -> None:
     out = run([*command[1:], "--model", qwen3_dir, "--device", "cpu", "--dtype", "float32", "--num-prompts", "2",
                "--disable-tqdm"])
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, f"exit status {out.returncode}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
     assert "device" in out.stdout and "cpu" in out.stdout
 
 
