@@ -1,8 +1,10 @@
-"""One streaming completion against an OpenAI-compatible server, timed chunk by chunk (aiohttp).
+"""One streaming request against an OpenAI-compatible server, timed chunk by chunk (aiohttp).
 
-The prompt goes out as token ids (exact lengths, no re-tokenization) or as text; ``ignore_eos`` (a vLLM extension
-that servers without it ignore) keeps the output length at ``max_tokens``. Token counts come from the final usage
-chunk (``stream_options.include_usage``); a server that sends none is counted one token per content chunk.
+Two backends, as vLLM's ``bench serve`` names them: ``openai`` (the completions API; the prompt goes out as token ids,
+exact lengths with no re-tokenization, or as text) and ``openai-chat`` (the chat completions API; the prompt is one
+user message). ``ignore_eos`` (a vLLM extension that servers without it ignore) keeps the output length at the
+maximum. Token counts come from the final usage chunk (``stream_options.include_usage``), prompt tokens included; a
+server that sends none is counted one token per content chunk.
 """
 from __future__ import annotations
 
@@ -12,6 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+
+from nanovllm.benchmarks.serve_server import error_message
+
+BACKENDS = ("openai", "openai-chat", "vllm")  # vllm: the completions API, as in vLLM's bench serve
+DEFAULT_ENDPOINTS = {"openai": "/v1/completions", "vllm": "/v1/completions", "openai-chat": "/v1/chat/completions"}
 
 
 @dataclass
@@ -44,14 +51,35 @@ class RequestResult:
         return max(self.itl, default=0.0)
 
 
-async def send_completion(
-    session: aiohttp.ClientSession, url: str, model: str, req: BenchRequest, api_key: str | None,
+def request_body(backend: str, model: str, req: BenchRequest, ignore_eos: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "temperature": 0.0, "stream": True,
+                            "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}
+    if backend == "openai-chat":
+        if not isinstance(req.prompt, str):
+            raise TypeError("the chat API takes text prompts, not token ids")
+        body.update(messages=[{"role": "user", "content": req.prompt}], max_completion_tokens=req.max_tokens)
+    else:
+        body.update(prompt=req.prompt, max_tokens=req.max_tokens)
+    return body
+
+
+def _has_tokens(choice: dict[str, Any]) -> bool:
+    """Whether a streamed choice carries new tokens (their text may be empty: an incomplete character, or a server
+    without a tokenizer). A bare finish chunk does not, nor does the chat API's first chunk (the role alone)."""
+    if "delta" in choice:
+        delta = choice["delta"] or {}
+        if delta.get("role") and not delta.get("content"):
+            return False
+        return bool(delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls")
+                    or not choice.get("finish_reason"))
+    return bool(choice.get("text") or not choice.get("finish_reason"))
+
+
+async def send_request(
+    session: aiohttp.ClientSession, url: str, backend: str, model: str, req: BenchRequest, api_key: str | None,
     ignore_eos: bool, timeout_s: float,
 ) -> RequestResult:
-    body: dict[str, Any] = {
-        "model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0.0, "stream": True,
-        "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos,
-    }
+    body = request_body(backend, model, req, ignore_eos)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     result = RequestResult(kind=req.kind, prompt_len=req.prompt_len)
     result.start = last = time.perf_counter()
@@ -60,7 +88,12 @@ async def send_completion(
         timeout = aiohttp.ClientTimeout(total=timeout_s)
         async with session.post(url, json=body, headers=headers, timeout=timeout) as resp:
             if resp.status != 200:
-                result.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
+                text = await resp.text()
+                try:
+                    message = error_message(json.loads(text))
+                except ValueError:
+                    message = text[:300]
+                result.error = f"HTTP {resp.status}: {message}"
                 return result
             async for raw in resp.content:  # one SSE line at a time
                 line = raw.decode("utf-8", errors="replace").strip()
@@ -71,12 +104,10 @@ async def send_completion(
                     break
                 event = json.loads(data)
                 if "error" in event:
-                    result.error = str(event["error"].get("message", event["error"]))
+                    result.error = error_message(event)
                     return result
                 now = time.perf_counter()
-                # a chunk with a choice carries new tokens, though their text may be empty (an incomplete
-                # character, or a server without a tokenizer); a bare finish chunk does not
-                if any(choice.get("text") or not choice.get("finish_reason") for choice in event.get("choices", [])):
+                if any(_has_tokens(choice) for choice in event.get("choices") or []):
                     if chunks == 0:
                         result.ttft = now - result.start
                     else:
@@ -84,7 +115,8 @@ async def send_completion(
                     chunks += 1
                     last = now
                 if event.get("usage"):
-                    result.output_len = int(event["usage"].get("completion_tokens", 0))
+                    result.output_len = int(event["usage"].get("completion_tokens") or 0)
+                    result.prompt_len = int(event["usage"].get("prompt_tokens") or result.prompt_len)
         result.latency = time.perf_counter() - result.start
         result.output_len = result.output_len or chunks
         result.success = chunks > 0 or result.output_len > 0
@@ -93,10 +125,3 @@ async def send_completion(
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
     return result
-
-
-async def fetch_model_name(session: aiohttp.ClientSession, base_url: str, api_key: str | None) -> str:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    async with session.get(f"{base_url}/v1/models", headers=headers) as resp:
-        resp.raise_for_status()
-        return (await resp.json())["data"][0]["id"]

@@ -13,13 +13,18 @@ SLO_KEYS = ("ttft", "tpot", "e2e")
 
 
 def parse_slos(specs: Sequence[str] | None) -> dict[str, float]:
-    """``["ttft:500", "tpot:50"]`` (milliseconds) -> {"ttft": 0.5, "tpot": 0.05} (seconds)."""
+    """``["ttft:500", "tpot:50"]`` (milliseconds) -> {"ttft": 0.5, "tpot": 0.05} (seconds). ``e2el`` (vLLM's name)
+    is ``e2e``."""
     slos: dict[str, float] = {}
     for spec in specs or []:
         key, _, value = spec.partition(":")
-        if key not in SLO_KEYS or not value:
-            raise ValueError(f"--goodput takes KEY:MILLISECONDS with KEY in {SLO_KEYS}, got {spec!r}")
-        slos[key] = float(value) / 1000.0
+        key = "e2e" if key == "e2el" else key
+        try:
+            slos[key] = float(value) / 1000.0
+        except ValueError:
+            key = ""
+        if key not in SLO_KEYS:
+            raise ValueError(f"--goodput takes KEY:MILLISECONDS with KEY in ttft, tpot, e2el, got {spec!r}")
     return slos
 
 
@@ -76,6 +81,13 @@ def summarize(results: list[RequestResult], duration_s: float, percentiles: Sequ
     if errors:
         summary["errors"] = errors[:10]
     return summary
+
+
+def detailed(results: list[RequestResult]) -> dict[str, list[Any]]:
+    """Per request, in the order sent (vLLM's ``--save-detailed`` fields)."""
+    return {"input_lens": [r.prompt_len for r in results], "output_lens": [r.output_len for r in results],
+            "ttfts": [r.ttft for r in results], "itls": [r.itl for r in results],
+            "e2els": [r.latency for r in results], "errors": [r.error for r in results]}
 
 
 def print_summary(title: str, summary: dict[str, Any]) -> None:

@@ -20,6 +20,8 @@ from nanovllm.llm import LLM
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.testing import PRESETS, write_config_only
 
+logger = logging.getLogger(__name__)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="qwen3-0.6b", help=f"checkpoint directory or preset {sorted(PRESETS)}")
@@ -30,10 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
 
 
 def run_once(model: str, load_format: str, prompts: list[list[int]], output_len: int, caching: bool,
              args: argparse.Namespace) -> dict:
+    logger.info("prefix cache %s: loading %s, then %d requests", "on" if caching else "off", args.model, len(prompts))
     llm = LLM(model, load_format=load_format, device=args.device, dtype=args.dtype,
               enforce_eager=args.enforce_eager, enable_prefix_caching=caching,
               max_model_len=max(len(p) for p in prompts) + output_len + 16)
@@ -41,7 +45,7 @@ def run_once(model: str, load_format: str, prompts: list[list[int]], output_len:
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     before = llm.stats()
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    outputs = llm.generate(prompts, params, use_tqdm=not args.disable_tqdm)
     elapsed = time.perf_counter() - start
     after = llm.stats()
     queried = after["prefix_cache_queries"] - before["prefix_cache_queries"]

@@ -1,9 +1,11 @@
 """``nanovllm bench throughput``: offline generation throughput, by default the original nano-vllm bench.py workload.
 
 That workload: ``random.seed(0)``; 256 prompts of random token ids in [0, 10000] with lengths uniform in
-[100, 1024]; then, for each, ``max_tokens`` uniform in [100, 1024]; temperature 0.6, ``ignore_eos``,
-``max_model_len=4096``; one warm-up generate before timing; Qwen3-0.6B's shape with dummy weights. On CPU the
-same command runs a scaled-down case (8 prompts, lengths in [8, 64]).
+[100, 1024]; then, for each, ``max_tokens`` uniform in [100, 1024]; temperature 0.6, ``ignore_eos``; one warm-up
+generate before timing; Qwen3-0.6B's shape with dummy weights. (bench.py also set ``max_model_len=4096``; here
+``--max-model-len`` defaults to what the model allows.) On CPU the same command runs a scaled-down case (8 prompts,
+lengths in [8, 64]). ``--dataset-name random`` and ``sharegpt`` run vLLM's workloads instead
+(``throughput_datasets.py``); flags are spelled as ``vllm bench throughput`` spells them.
 """
 from __future__ import annotations
 
@@ -13,28 +15,31 @@ import gc
 import json
 import logging
 import os
-import random
 import tempfile
 import time
-from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
 from nanovllm.llm import LLM
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.benchmarks.lengths import Length, fit_lengths
 from nanovllm.benchmarks.peer_hf import run_hf_continuous_batching
 from nanovllm.benchmarks.roofline import DeviceCeilings, measure_ceilings, throughput_floor
 from nanovllm.benchmarks.step_trace import GcWatch, JitWatch, StepRecorder, format_summary, summarise
+from nanovllm.benchmarks.throughput_datasets import (
+    DATASETS,
+    Workload,
+    fold_into_vocabulary,
+    nano_vllm_workload,
+    random_workload,
+    sharegpt_workload,
+)
 from nanovllm.testing import PRESETS, write_config_only
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class Workload:
-    prompts: list[list[int]]
-    max_tokens: list[int]
+__all__ = ["Workload", "add_arguments", "main", "nano_vllm_workload"]
 
 
 # an open-ended list of records: a grammar with string, integer and enum states that a random model rarely closes
@@ -57,29 +62,32 @@ def _constrain(params: list[SamplingParams], fraction: float) -> None:
         params[i].structured_outputs = StructuredOutputsParams(json=BENCH_SCHEMA)
 
 
-def nano_vllm_workload(num_prompts: int, input_range: tuple[int, int], output_range: tuple[int, int]) -> Workload:
-    """Drawn in the original order: every prompt first, then every output length."""
-    random.seed(0)
-    prompts = [
-        [random.randint(0, 10000) for _ in range(random.randint(*input_range))] for _ in range(num_prompts)
-    ]
-    max_tokens = [random.randint(*output_range) for _ in range(num_prompts)]
-    return Workload(prompts, max_tokens)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="qwen3-0.6b",
-                        help=f"checkpoint directory, hub id, or a shape preset for dummy weights: {sorted(PRESETS)}")
-    parser.add_argument("--num-prompts", type=int, default=None)
-    parser.add_argument("--input-len", type=int, default=None, help="fixed prompt length (default: the workload's range)")
-    parser.add_argument("--output-len", type=int, default=None, help="fixed output length (default: the workload's range)")
+                        help=f"checkpoint directory, GGUF file, hub id, or a shape preset for dummy weights: "
+                             f"{sorted(PRESETS)}")
+    parser.add_argument("--dataset-name", choices=DATASETS, default="nano-vllm",
+                        help="nano-vllm: the original bench.py workload; random: ids from the whole vocabulary, "
+                             "lengths around --input-len/--output-len; sharegpt: a local ShareGPT JSON file")
+    parser.add_argument("--dataset-path", default=None, help="the ShareGPT JSON file for --dataset-name sharegpt")
+    parser.add_argument("--num-prompts", type=int, default=None, help="default 256 (8 on CPU)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the workload and the sampling")
+    parser.add_argument("--n", type=int, default=1, help="samples generated per prompt")
+    parser.add_argument("--input-len", type=int, default=None,
+                        help="prompt length: fixed for nano-vllm (default: its range), the mean for random (default "
+                             f"{RANDOM_LENGTHS[0][0]}, {RANDOM_LENGTHS[1][0]} on CPU)")
+    parser.add_argument("--output-len", type=int, default=None,
+                        help="output length: fixed for nano-vllm and sharegpt (default: the workload's), the mean for "
+                             f"random (default {RANDOM_LENGTHS[0][1]}, {RANDOM_LENGTHS[1][1]} on CPU)")
+    parser.add_argument("--random-range-ratio", type=float, default=0.0,
+                        help="random: lengths uniform in len * [1 - r, 1 + r], r in [0, 1)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--load-format", default=None, help="'dummy' (default for presets) or 'auto'")
     parser.add_argument("--quantization", default=None, choices=["fp8"],
                         help="FP8 weights (default: as the checkpoint's quantization_config says)")
-    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--max-model-len", type=int, default=None, help="default: what the model allows")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -88,7 +96,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                        help="the radix prefix cache (default: on)")
+    parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                        help=argparse.SUPPRESS)  # the old spelling of --no-enable-prefix-caching
+    parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
     parser.add_argument("--compare-hf", action="store_true",
                         help="also run HF transformers' continuous batching on the same workload (first, on the "
                              "empty GPU) and report the ratio")
@@ -104,38 +116,87 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write every step's wall and host time and batch to this JSON file")
 
 
-def main(args: argparse.Namespace) -> dict:
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    small = device == "cpu"
+RANDOM_LENGTHS = ((1024, 128), (32, 16))  # --dataset-name random's default (input, output): GPU, CPU
+
+
+def _check(args: argparse.Namespace) -> None:
+    for flag, value in (("--num-prompts", args.num_prompts), ("--n", args.n), ("--input-len", args.input_len),
+                        ("--output-len", args.output_len)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if not 0 <= args.random_range_ratio < 1:
+        raise ValueError(f"--random-range-ratio must be in [0, 1), got {args.random_range_ratio}")
+    if args.dataset_path and args.dataset_name != "sharegpt":
+        raise ValueError(f"--dataset-path is read by --dataset-name sharegpt only, not {args.dataset_name}")
+    if args.compare_hf and args.n != 1:
+        raise ValueError("--compare-hf runs one sample per prompt on both engines: leave --n at 1")
+
+
+def build_workload(args: argparse.Namespace, small: bool, vocab_size: int, tokenizer: Any,
+                   max_model_len: int) -> Workload:
+    """The requests of ``--dataset-name``, fitted to ``max_model_len`` (defaults shrink; given lengths that cannot
+    fit are a ValueError)."""
     num_prompts = args.num_prompts or (8 if small else 256)
+    if args.dataset_name == "sharegpt":
+        return sharegpt_workload(args.dataset_path, num_prompts, tokenizer, max_model_len, args.output_len, args.seed)
+    if args.dataset_name == "random":
+        default_in, default_out = RANDOM_LENGTHS[small]
+        input_len, output_len = fit_lengths(
+            [Length("--input-len", args.input_len, default_in), Length("--output-len", args.output_len, default_out)],
+            max_model_len, stretch=1 + args.random_range_ratio, limit_name="--max-model-len")
+        return random_workload(num_prompts, input_len, output_len, args.random_range_ratio, vocab_size, args.seed)
     default_range = (8, 64) if small else (100, 1024)
     input_range = (args.input_len, args.input_len) if args.input_len else default_range
     output_range = (args.output_len, args.output_len) if args.output_len else default_range
-    workload = nano_vllm_workload(num_prompts, input_range, output_range)
+    if input_range[1] + output_range[1] > max_model_len:
+        raise ValueError(f"the nano-vllm workload's requests reach {input_range[1] + output_range[1]} tokens, more "
+                         f"than --max-model-len {max_model_len}: give a shorter --input-len/--output-len")
+    workload = nano_vllm_workload(num_prompts, input_range, output_range, args.seed)
+    fold_into_vocabulary(workload, vocab_size)
+    return workload
 
-    model, load_format = args.model, args.load_format
-    if model in PRESETS:
-        model = write_config_only(tempfile.mkdtemp(prefix="nanovllm-bench-"), model)
-        load_format = load_format or "dummy"
-    engine_args = dict(
+
+def engine_args(args: argparse.Namespace, device: str, load_format: str | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = dict(
         device=device, dtype=args.dtype, enforce_eager=args.enforce_eager, load_format=load_format or "auto",
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, seed=args.seed,
         gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
-        enable_prefix_caching=not args.no_prefix_caching, tensor_parallel_size=args.tensor_parallel_size,
+        enable_prefix_caching=args.enable_prefix_caching, tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size, kv_cache_dtype=args.kv_cache_dtype,
         quantization=args.quantization,
     )
     if args.max_num_batched_tokens:
-        engine_args["max_num_batched_tokens"] = args.max_num_batched_tokens
+        kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.tokenizer:
-        engine_args["tokenizer"] = args.tokenizer
-    # the peer runs first, on a GPU nothing else holds yet (after our engine, its memory would still be cached)
-    peer = _run_peer(model, workload, args.temperature, device) if args.compare_hf else None
-    llm = LLM(model, **engine_args)
-    _fold_into_vocabulary(workload, llm.engine.config.hf_config.vocab_size)
-    params = [SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=n) for n in workload.max_tokens]
+        kwargs["tokenizer"] = args.tokenizer
+    return kwargs
+
+
+def main(args: argparse.Namespace) -> dict:
+    _check(args)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    small = device == "cpu"
+    model, load_format = args.model, args.load_format
+    if model in PRESETS:
+        model = write_config_only(tempfile.mkdtemp(prefix="nanovllm-bench-"), model)
+        load_format = load_format or "dummy"
+    workload, peer = None, None
+    if args.compare_hf:  # the peer runs first, on a GPU nothing else holds yet (after our engine, its memory would
+        workload = _peer_workload(args, small, model)  # still be cached)
+        peer = _run_peer(model, workload, args.temperature, device)
+    logger.info("loading %s on %s", args.model, device)
+    llm = LLM(model, **engine_args(args, device, load_format))
+    max_model_len = llm.engine.config.max_model_len
+    if workload is None:
+        workload = build_workload(args, small, llm.engine.config.hf_config.vocab_size, llm.tokenizer, max_model_len)
+    elif workload.longest() > max_model_len:
+        raise ValueError(f"requests reach {workload.longest()} tokens, more than --max-model-len {max_model_len}")
+    num_prompts = len(workload.prompts)
+    params = [SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=n, n=args.n)
+              for n in workload.max_tokens]
     _constrain(params, args.structured_fraction)
 
+    logger.info("warming up, then %d requests (%s workload)", num_prompts, args.dataset_name)
     warm_up = SamplingParams(max_tokens=16)
     _constrain([warm_up], args.structured_fraction)  # (the tokenizer's grammar tables and the schema, built once)
     llm.generate([[1, 2, 3, 4]], warm_up, use_tqdm=False)
@@ -146,7 +207,7 @@ def main(args: argparse.Namespace) -> dict:
     collections.start()
     with _maybe_profile(args.profile, device):
         start = time.perf_counter()
-        outputs = llm.generate(workload.prompts, params, use_tqdm=False)
+        outputs = llm.generate(workload.prompts, params, use_tqdm=not args.disable_tqdm)
         elapsed = time.perf_counter() - start
     collections.stop()
     jit.stop()
@@ -157,12 +218,17 @@ def main(args: argparse.Namespace) -> dict:
         recorder.save(args.step_log)
 
     prompt_tokens = sum(len(p) for p in workload.prompts)
-    output_tokens = sum(len(o.token_ids) for o in outputs)  # counted, not assumed from max_tokens
+    output_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)  # counted, not assumed
     steps = stats_after["num_steps"] - stats_before["num_steps"]
     host_time = stats_after["host_time_s"] - stats_before["host_time_s"]
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "model": args.model,
+        "dataset": args.dataset_name,
+        "seed": args.seed,
+        "n": args.n,
+        "max_model_len": max_model_len,
+        "enable_prefix_caching": args.enable_prefix_caching,
         "num_prompts": num_prompts,
         "prompt_tokens": prompt_tokens,
         "output_tokens": output_tokens,
@@ -180,7 +246,7 @@ def main(args: argparse.Namespace) -> dict:
     constrained = [o for o, p in zip(outputs, params) if p.structured_outputs is not None]
     if constrained:
         result["structured"] = {"requests": len(constrained),
-                                "output_tokens": sum(len(o.token_ids) for o in constrained),
+                                "output_tokens": sum(len(c.token_ids) for o in constrained for c in o.outputs),
                                 "ended_by_grammar": sum(o.finish_reason == "stop" for o in constrained)}
     if device == "cuda":  # the caching allocator's slow paths: cudaMalloc, and free-everything-and-retry (a sync)
         result["allocator_during_run"] = {k: allocator_after[k] - allocator_before[k] for k in allocator_after}
@@ -212,17 +278,19 @@ def _allocator_counts(device: str) -> dict[str, int]:
     return {key: stats.get(key, 0) for key in ("num_device_alloc", "num_alloc_retries")}
 
 
-def _fold_into_vocabulary(workload: Workload, vocab_size: int) -> None:
-    if vocab_size <= 10000:  # a tiny test model: fold the workload's ids into its vocabulary
-        workload.prompts = [[t % vocab_size for t in p] for p in workload.prompts]
+def _peer_workload(args: argparse.Namespace, small: bool, model: str) -> Workload:
+    """The workload, built before our engine exists (for the peer, which runs first): from the model's config."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(model)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model) if args.dataset_name == "sharegpt" else None
+    limit = args.max_model_len or getattr(config, "max_position_embeddings", None) or 4096
+    return build_workload(args, small, config.vocab_size, tokenizer, limit)
 
 
 def _run_peer(model: str, workload: Workload, temperature: float, device: str) -> dict:
     """HF transformers on the same workload; a failed or short run is reported as such, never as a figure. (A
     CUDA error that poisons the process would still stop our own run after it.)"""
-    from transformers import AutoConfig
-
-    _fold_into_vocabulary(workload, AutoConfig.from_pretrained(model).vocab_size)
     try:
         peer = run_hf_continuous_batching(model, workload.prompts, workload.max_tokens, temperature, device)
     except Exception as exc:  # the peer's failure must not hide our own figures

@@ -109,9 +109,10 @@ class ModelRunner:
         self._allocate_kv_pool(self.num_kv_blocks)
         pool_tokens = self.num_kv_blocks * self.block_size
         logger.info(
-            "KV cache: %d pages of %d tokens = %d tokens, %s, %.2f GiB (%.1f requests of max_model_len %d at once), "
+            "KV cache: %d pages of %d tokens = %d tokens, %s, %.2f GiB (%d requests of max_model_len %d at once), "
             "sized in %.2f s", self.num_kv_blocks, self.block_size, pool_tokens,
-            str(self.kv_dtype).removeprefix("torch."), self.num_kv_blocks * self.page_bytes() / (1 << 30), pool_tokens / config.max_model_len,
+            str(self.kv_dtype).removeprefix("torch."), self.num_kv_blocks * self.page_bytes() / (1 << 30),
+            self.num_kv_blocks // -(-config.max_model_len // self.block_size),
             config.max_model_len, time.perf_counter() - start,
         )
         start = time.perf_counter()
