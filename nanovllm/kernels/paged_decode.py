@@ -47,6 +47,15 @@ def _mma(a, b, acc, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _fp8_compute_dtype(q):
+    """What an FP8 cache is widened to: fp16 for half-precision queries (one conversion instruction from FP8, where
+    bf16 takes several; a bf16 query is exact in fp16 unless tiny or huge), fp32 for fp32 queries."""
+    if q.dtype == tl.float32:
+        return q
+    return q.to(tl.float16)
+
+
+@triton.jit
 def _kv_tile_offsets(bt_row_ptr, stride_bt_p, t, t_mask, PAGE_SIZE: tl.constexpr,
                      stride_p, stride_s):
     """Element offset of tokens ``t`` (one page-table lookup each) within one KV cache."""
@@ -119,6 +128,7 @@ def _paged_decode_kernel(
                 mask=g_mask[:, None], other=0.0)
     if KV_FP8:
         qk_scale = qk_scale * tl.load(k_scale_ptr)
+        q = _fp8_compute_dtype(q)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels import INTERPRET
-from nanovllm.kernels.paged_decode import LOG2E, _kv_tile_offsets, _mma, is_fp8_cache
+from nanovllm.kernels.paged_decode import LOG2E, _fp8_compute_dtype, _kv_tile_offsets, _mma, is_fp8_cache
 
 
 @triton.jit
@@ -100,6 +100,7 @@ def _paged_prefill_kernel(
     pos = ctx_len + tok
     if KV_FP8:
         qk_scale = qk_scale * tl.load(k_scale_ptr)
+        q = _fp8_compute_dtype(q)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
