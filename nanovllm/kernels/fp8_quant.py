@@ -18,8 +18,9 @@ import triton.language as tl
 
 from nanovllm.kernels import INTERPRET
 
-FP8_MAX = 448.0
-AMAX_FLOOR = 1e-12
+# constexpr: a compiled kernel may read only constexpr globals (the interpreter reads any)
+FP8_MAX = tl.constexpr(448.0)
+AMAX_FLOOR = tl.constexpr(1e-12)
 
 
 @triton.jit
