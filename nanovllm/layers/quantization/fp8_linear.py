@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.layers.quantization import fp8_gemm
+import nanovllm.layers.quantization.fp8_gemm as fp8_gemm  # the module, not the package (which imports this one)
 from nanovllm.layers.quantization.config import BLOCK, Fp8Scheme
 from nanovllm.layers.quantization.fp8_formats import FP8_DTYPE, block_grid, dequantize, scale_from_amax, to_fp8
 
