@@ -8,7 +8,8 @@ a float32 accumulator times the activation scales (per row) and the weight block
 128-deep product to float32 this way is also what keeps Hopper's reduced-precision FP8 accumulation out of the sum.
 
 Small batches (decode) have few output tiles, so ``pick_config`` splits K over ``split_k`` programs that write
-float32 partial sums, which one ``sum`` adds up. Reference: ``block_gemm_reference`` (float64, same quantization).
+float32 partial sums, which one ``sum`` adds up. Its float64 reference (same quantization) is in
+``tests/gpu/test_fp8_gemm.py``.
 """
 from __future__ import annotations
 
@@ -123,15 +124,4 @@ def block_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     return out[0] if split == 1 else out.sum(0).to(out_dtype)
 
 
-def block_gemm_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """float64 ``quant(x) @ dequant(W)^T`` with the kernel's activation quantization (per token and 128 columns)."""
-    from nanovllm.layers.quantization.fp8_formats import expand_block_scale, quantize_tokens
-
-    xq, xs = quantize_tokens(x, BLOCK)
-    k = x.shape[1]
-    x64 = xq.double() * xs.double().repeat_interleave(BLOCK, dim=1)[:, :k]
-    w64 = weight.double() * expand_block_scale(weight_scale.double(), *weight.shape, (BLOCK, BLOCK))
-    return x64 @ w64.T
-
-
-__all__ = ["AMAX_FLOOR", "FP8_MAX", "BlockGemmConfig", "block_gemm", "block_gemm_reference", "pick_config"]
+__all__ = ["AMAX_FLOOR", "FP8_MAX", "BlockGemmConfig", "block_gemm", "pick_config"]

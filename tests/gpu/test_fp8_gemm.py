@@ -20,13 +20,14 @@ from gpu import kernel_device, kernel_test_marks
 
 pytest.importorskip("triton")
 
-from nanovllm.kernels.fp8_block_gemm import BlockGemmConfig, block_gemm, block_gemm_reference  # noqa: E402
+from nanovllm.kernels.fp8_block_gemm import BLOCK, BlockGemmConfig, block_gemm  # noqa: E402
 from nanovllm.kernels.fp8_quant import quantize_rows  # noqa: E402
 from nanovllm.kernels.fused_moe import fused_moe  # noqa: E402
 from nanovllm.layers.moe_ops import moe_reference_fp8, select_experts  # noqa: E402
 from nanovllm.layers.quantization import fp8_gemm  # noqa: E402
 from nanovllm.layers.quantization.fp8_formats import (  # noqa: E402
     dequantize,
+    expand_block_scale,
     quantize_block,
     quantize_per_channel,
     quantize_static,
@@ -44,6 +45,15 @@ F32_RTOL = 1e-5 if SMALL else 3e-4
 RTOL = {torch.bfloat16: 4e-3, torch.float16: 1e-3, torch.float32: F32_RTOL}
 F8 = torch.float8_e4m3fn
 
+
+
+def block_gemm_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """float64 ``quant(x) @ dequant(W)^T`` with the kernel's activation quantization (per token and 128 columns)."""
+    xq, xs = quantize_tokens(x, BLOCK)
+    k = x.shape[1]
+    x64 = xq.double() * xs.double().repeat_interleave(BLOCK, dim=1)[:, :k]
+    w64 = weight.double() * expand_block_scale(weight_scale.double(), *weight.shape, (BLOCK, BLOCK))
+    return x64 @ w64.T
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).norm() / ref.norm()).item()
