@@ -14,6 +14,13 @@ import torch
 # so under it the kernels upcast dot operands to fp32; on a GPU this flag is False and costs nothing.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    """One of the FP8 formats caches and weights are stored in."""
+    return dtype in FP8_DTYPES
+
 
 @functools.cache
 def num_sms(device: torch.device) -> int:

@@ -12,10 +12,12 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels import is_fp8
+
 
 def fp8_max(dtype: torch.dtype) -> float:
     """The largest finite value of an FP8 cache's format; 0.0 (no scaling) for any other cache."""
-    return float(torch.finfo(dtype).max) if dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else 0.0
+    return float(torch.finfo(dtype).max) if is_fp8(dtype) else 0.0
 
 
 @triton.jit

@@ -26,13 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels import INTERPRET
+from nanovllm.kernels import INTERPRET, is_fp8
 
 LOG2E = math.log2(math.e)
-
-
-def is_fp8_cache(cache: torch.Tensor) -> bool:
-    return cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @triton.jit
@@ -242,7 +238,7 @@ def paged_decode(
     assert order is None or order.shape == (batch,)
     assert batch <= 65535, "the batch is the grid's second axis, which CUDA limits to 65,535"
     assert num_splits >= 1
-    kv_fp8 = is_fp8_cache(k_cache)
+    kv_fp8 = is_fp8(k_cache.dtype)
     assert not kv_fp8 or (k_scale is not None and v_scale is not None), "an FP8 cache needs its scales"
     if out is None:
         out = torch.empty_like(q)

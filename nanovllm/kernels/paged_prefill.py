@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels import INTERPRET
-from nanovllm.kernels.paged_decode import LOG2E, _fp8_compute_dtype, _kv_tile_offsets, _mma, is_fp8_cache
+from nanovllm.kernels import INTERPRET, is_fp8
+from nanovllm.kernels.paged_decode import LOG2E, _fp8_compute_dtype, _kv_tile_offsets, _mma
 
 
 @triton.jit
@@ -177,7 +177,7 @@ def paged_prefill(
     assert page_size & (page_size - 1) == 0, "block_size must be a power of two"
     assert query_start_loc.shape == (num_seqs + 1,) and block_tables.shape[0] == num_seqs
     assert block_n >= 16 and block_n & (block_n - 1) == 0 and block_m & (block_m - 1) == 0
-    kv_fp8 = is_fp8_cache(k_cache)
+    kv_fp8 = is_fp8(k_cache.dtype)
     assert not kv_fp8 or (k_scale is not None and v_scale is not None), "an FP8 cache needs its scales"
     if out is None:
         out = torch.empty_like(q)

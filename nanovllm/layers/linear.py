@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.distributed import get_tp_rank, get_tp_size, tensor_model_parallel_all_reduce
+from nanovllm.kernels import is_fp8
 from nanovllm.layers.quantization import Fp8LinearMethod, QuantConfig, module_names
 
 
@@ -106,7 +107,7 @@ class LinearBase(nn.Module):
 
 
 def _check_not_fp8(loaded: torch.Tensor, prefix: str) -> None:
-    if loaded.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+    if is_fp8(loaded.dtype):
         raise ValueError(f"checkpoint holds FP8 weights for {prefix or 'a layer'}, which its quantization_config "
                          "leaves unquantized")
 

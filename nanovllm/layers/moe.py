@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from nanovllm.distributed import get_tp_rank, get_tp_size, tensor_model_parallel_all_reduce
+from nanovllm.kernels import is_fp8
 from nanovllm.layers.linear import ReplicatedLinear
 from nanovllm.layers.moe_ops import moe_reference, select_experts
 from nanovllm.layers.quantization import QuantConfig
@@ -133,6 +134,6 @@ def map_expert_weight(param_name: str, shard_id: object) -> tuple[str, object]:
 
 
 def _check_not_fp8(values: torch.Tensor, prefix: str) -> None:
-    if values.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+    if is_fp8(values.dtype):
         raise ValueError(f"checkpoint holds FP8 expert weights for {prefix}, which its quantization_config leaves "
                          "unquantized")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from nanovllm.kernels import is_fp8
+
 KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 K_SCALE_CONSTANT = 200.0
 V_SCALE_CONSTANT = 100.0
@@ -21,10 +23,6 @@ def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch
     if kv_cache_dtype == "auto":
         return model_dtype
     return KV_CACHE_DTYPES[kv_cache_dtype]
-
-
-def is_fp8(dtype: torch.dtype) -> bool:
-    return dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def quantize_kv(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

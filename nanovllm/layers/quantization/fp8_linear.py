@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanovllm.kernels import is_fp8
 import nanovllm.layers.quantization.fp8_gemm as fp8_gemm  # the module, not the package (which imports this one)
 from nanovllm.layers.quantization.config import BLOCK, Fp8Scheme
 from nanovllm.layers.quantization.fp8_formats import FP8_DTYPE, block_grid, dequantize, scale_from_amax, to_fp8
@@ -119,7 +120,7 @@ class Fp8LinearMethod:
             return
         # online: each output row's scale comes from the whole row (the same on every rank), computed on the device
         whole = loaded[rows, :].to(dst.device)
-        if not whole.is_floating_point() or whole.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        if not whole.is_floating_point() or is_fp8(whole.dtype):
             raise ValueError(f"{layer.prefix}: quantization='fp8' quantizes floating-point weights, but the "
                              f"checkpoint's are {whole.dtype} without a quantization_config")
         scale = scale_from_amax(whole.abs().amax(dim=1))

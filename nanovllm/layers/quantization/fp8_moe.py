@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nanovllm.kernels import is_fp8
 from nanovllm.layers.quantization import fp8_gemm
 from nanovllm.layers.quantization.config import BLOCK, Fp8Scheme
 from nanovllm.layers.quantization.fp8_formats import FP8_DTYPE, block_grid, dequantize, scale_from_amax, to_fp8
@@ -88,7 +89,7 @@ class Fp8MoEMethod:
             dst.copy_(values)
             return
         whole = loaded[rows, :].to(dst.device)  # online: scales from whole rows, the same on every rank
-        if not whole.is_floating_point() or whole.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        if not whole.is_floating_point() or is_fp8(whole.dtype):
             raise ValueError(f"{moe.prefix}: quantization='fp8' quantizes floating-point weights, got {whole.dtype}")
         scale = scale_from_amax(whole.abs().amax(dim=1))
         dst.copy_(to_fp8(whole[:, cols], scale[:, None]))
