@@ -109,3 +109,41 @@ def test_a_schema_compiles_once(qwen3_dir: str) -> None:
     params = [constrained(seed, json=SCHEMAS["flat"]) for seed in range(4)]
     llm.generate([PROMPTS[0]] * 4, params, use_tqdm=False)
     assert len(llm.engine.core.structured._cache) == 1
+
+
+def _wait_for_grammar(manager, state) -> None:  # noqa: ANN001
+    state.compiled.exception(timeout=120)  # a bound no compile of these comes near; raises TimeoutError past it
+    assert manager.poll(state)
+
+
+def test_a_backend_that_cannot_start_fails_with_its_own_error() -> None:
+    pytest.importorskip("xgrammar")
+    from nanovllm.engine.structured_output import StructuredOutputManager
+
+    def no_tokenizer():  # noqa: ANN202
+        raise OSError("tokenizer files missing")
+
+    manager = StructuredOutputManager("xgrammar", 64, no_tokenizer)
+    state = manager.start(StructuredOutputsParams(regex="a+"), frozenset([0]))
+    _wait_for_grammar(manager, state)
+    assert state.matcher is None and "tokenizer files missing" in state.error
+
+
+def test_a_stop_token_beyond_the_tokenizer_still_gives_a_grammar(qwen3_dir: str, backend: str) -> None:
+    """Dummy weights with another model's tokenizer (bench throughput --tokenizer): the model's EOS id lies past
+    the tokenizer's vocabulary. Both backends still constrain, and the choice completes."""
+    from transformers import AutoTokenizer
+
+    from nanovllm.engine.structured_output import StructuredOutputManager
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_dir)
+    vocab = len(tokenizer) + 64
+    manager = StructuredOutputManager(backend, vocab, lambda: tokenizer)
+    state = manager.start(StructuredOutputsParams(choice=["yes", "no"]), frozenset([vocab - 1]))
+    _wait_for_grammar(manager, state)
+    assert state.error is None
+    for token in tokenizer.encode("no", add_special_tokens=False):
+        mask = manager.bitmask([state.matcher])
+        assert mask[0, token // 32] >> (token % 32) & 1
+        assert state.matcher.accept(token)
+    assert state.matcher.is_terminated()

@@ -90,7 +90,8 @@ class StructuredOutputManager:
         if not state.compiled.done():
             return False
         try:
-            state.matcher = self._backend.matcher(state.compiled.result())
+            compiled = state.compiled.result()  # first: a failed compile (or backend) raises its own error here
+            state.matcher = self._backend.matcher(compiled)
         except Exception as exc:  # noqa: BLE001 - the request fails, not the engine
             state.error = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
         return True

@@ -32,7 +32,10 @@ class LLGuidanceBackend:
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: frozenset[int]) -> None:
         import llguidance.hf
 
-        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=sorted(stop_token_ids))
+        # llguidance refuses stop tokens beyond the tokenizer's own vocabulary (a model padded past it, or a
+        # benchmark pairing dummy weights with another model's tokenizer): those are left to the engine's EOS check
+        stops = sorted(t for t in stop_token_ids if t < len(tokenizer)) or [tokenizer.eos_token_id]
+        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=stops)
         self.words = (vocab_size + 31) // 32
 
     @staticmethod
