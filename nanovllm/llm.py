@@ -66,7 +66,11 @@ class LLM:
         start, prompt_start, gen_start = time.perf_counter(), stats.num_prompt_tokens, stats.num_generated_tokens
         try:
             while self.engine.has_unfinished():
-                for output in self.engine.step():
+                steps_before = stats.num_steps
+                outputs = self.engine.step()
+                if not outputs and stats.num_steps == steps_before and not self.engine.core.in_flight:
+                    self.engine.core.wait_for_grammars(timeout=0.01)  # nothing can run yet: do not spin hot
+                for output in outputs:
                     results[output.request_id] = output
                     bar.update(1)
                     for failed in (c for c in output.outputs if c.finish_reason == "error"):

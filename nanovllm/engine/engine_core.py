@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent import futures
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -182,6 +183,13 @@ class EngineCore:
             self.scheduler.fail_request(request, ValueError(f"the grammar rejected token {token}"))
         elif matcher.is_terminated() and not request.is_finished:
             self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+
+    def wait_for_grammars(self, timeout: float) -> None:
+        """Block until a compiling grammar is ready, or ``timeout`` seconds: when only such requests are left, a
+        caller stepping in a loop would otherwise spin, taking the GIL from the compile threads."""
+        pending = [request.grammar.compiled for request in self._compiling if not request.is_finished]
+        if pending:
+            futures.wait(pending, timeout=timeout, return_when=futures.FIRST_COMPLETED)
 
     def _poll_grammars(self) -> list[Request]:
         """Give ready grammars their matchers; fail the requests whose grammar did not compile."""
