@@ -48,15 +48,19 @@ def test_version_and_health(server: ServerProcess) -> None:
 
 
 def test_tokenize_detokenize_round_trip(server: ServerProcess) -> None:
-    status, body = server.request("POST", "/tokenize", {"prompt": PROMPT, "model": MODEL})
+    key = {"Authorization": f"Bearer {API_KEY}"}
+    status, body = server.request("POST", "/tokenize", {"prompt": PROMPT, "model": MODEL}, headers=key)
     assert status == 200, body
     assert body["count"] == len(body["tokens"]) > 0 and body["max_model_len"] == MAX_MODEL_LEN
-    status, back = server.request("POST", "/detokenize", {"tokens": body["tokens"]})
+    status, back = server.request("POST", "/detokenize", {"tokens": body["tokens"]}, headers=key)
     assert (status, back) == (200, {"prompt": PROMPT})
-    status, chat = server.request("POST", "/tokenize", {"messages": MESSAGES})
+    status, chat = server.request("POST", "/tokenize", {"messages": MESSAGES}, headers=key)
     assert status == 200 and chat["count"] > body["count"]
-    status, err = server.request("POST", "/detokenize", {"tokens": [10**6]})
+    status, err = server.request("POST", "/detokenize", {"tokens": [10**6]}, headers=key)
     assert status == 400 and err["error"]["param"] == "tokens"
+    for path, request in (("/tokenize", {"prompt": PROMPT}), ("/detokenize", {"tokens": body["tokens"]})):
+        status, err = server.request("POST", path, request)  # the tokenizer routes are guarded like /v1
+        assert status == 401 and err["error"]["code"] == "invalid_api_key"
 
 
 def test_metrics_names(server: ServerProcess, client: openai.OpenAI) -> None:

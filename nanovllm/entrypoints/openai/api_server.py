@@ -84,8 +84,13 @@ class ServerSettings:
             logger.info("shutting down: no new requests; in-flight ones get up to %.0f s", self.shutdown_timeout_s)
 
 
+# what the API key guards besides /v1: the routes that run the tokenizer or describe it
+_KEYED_PATHS = frozenset({"/tokenize", "/detokenize", "/tokenizer_info"})
+
+
 class _Gate:
-    """ASGI middleware: the API key on /v1 routes, and 503 for new work while draining."""
+    """ASGI middleware: the API key on /v1 and the tokenizer routes (health, metrics and version stay open, for
+    probes and scrapers), and 503 for new work while draining."""
 
     def __init__(self, app: ASGIApp, settings: ServerSettings) -> None:
         self.app = app
@@ -94,7 +99,7 @@ class _Gate:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            if self.expected is not None and scope["path"].startswith("/v1"):
+            if self.expected is not None and (scope["path"].startswith("/v1") or scope["path"] in _KEYED_PATHS):
                 given = dict(scope["headers"]).get(b"authorization", b"")
                 if not hmac.compare_digest(given, self.expected):
                     response = JSONResponse(error_body(401, "missing or invalid API key (Authorization: Bearer ...)"),
@@ -222,7 +227,7 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
                                                                                  request.tokens)))
 
     if settings.enable_tokenizer_info_endpoint:
-        add_tokenizer_info_route(app, engine.tokenizer, settings.api_key)
+        add_tokenizer_info_route(app, engine.tokenizer)
     return app
 
 

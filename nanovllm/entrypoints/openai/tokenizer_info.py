@@ -8,14 +8,14 @@ changed since), plus ``tokenizer_class``. lm-eval reads ``eos_token``, ``bos_tok
 ``chat_template`` from it, and asks ``/tokenize`` and ``/detokenize`` for the rest.
 
 Like vLLM, the server serves it only when started with ``--enable-tokenizer-info-endpoint`` (it shows the chat
-template and tokenizer settings), and, when the server has an API key, only to requests that bear it.
+template and tokenizer settings), and, when the server has an API key, only to requests that bear it (the
+server's gate checks it, as for /v1, /tokenize and /detokenize).
 """
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict
 
@@ -59,20 +59,12 @@ def _json_value(value: Any) -> Any:
     return str(value)
 
 
-def add_tokenizer_info_route(app: FastAPI, tokenizer: Any, api_key: str | None) -> None:
-    """Serve ``GET /tokenizer_info`` from ``app`` (when the endpoint is enabled)."""
-    expected = f"Bearer {api_key}".encode() if api_key else None
-
-    async def check_api_key(request: Request) -> None:
-        if expected is None:
-            return
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
-            raise APIError(401, "missing or invalid API key (Authorization: Bearer ...)")
-
+def add_tokenizer_info_route(app: FastAPI, tokenizer: Any) -> None:
+    """Serve ``GET /tokenizer_info`` from ``app`` (when the endpoint is enabled; the server's gate checks the API
+    key)."""
     body: bytes | None = None
 
-    @app.get(PATH, response_model=TokenizerInfoResponse, dependencies=[Depends(check_api_key)], responses={
+    @app.get(PATH, response_model=TokenizerInfoResponse, responses={
         401: {"description": "The server has an API key and the request does not bear it.", "model": ErrorResponse},
     })
     async def get_tokenizer_info() -> Response:
