@@ -170,19 +170,24 @@ class EngineCore:
             result = self.executor.collect(done.step)
         with record_function("nanovllm.update"):
             updates = self.scheduler.update(done.sched, result)
-            for request, token, _ in updates:
-                if request.grammar is not None and token >= 0:
-                    self._advance_grammar(request, token)
+            constrained = [(request, token) for request, token, _ in updates
+                           if request.grammar is not None and token >= 0]
+            if constrained:
+                self._advance_grammars(constrained)
         self._count(done.sched, sum(1 for _, token, _ in updates if token >= 0))
         return updates
 
-    def _advance_grammar(self, request: Request, token: int) -> None:
-        """The matcher takes the token; a grammar that can take no more ends the request (a stop)."""
-        matcher = request.grammar.matcher
-        if not matcher.accept(token) and not request.is_finished:
-            self.scheduler.fail_request(request, ValueError(f"the grammar rejected token {token}"))
-        elif matcher.is_terminated() and not request.is_finished:
-            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+    def _advance_grammars(self, sampled: list[tuple[Request, int]]) -> None:
+        """The matchers take their tokens; a grammar that can take no more ends its request (a stop)."""
+        accepted = self.structured.accept([request.grammar.matcher for request, _ in sampled],
+                                          [token for _, token in sampled])
+        for (request, token), ok in zip(sampled, accepted):
+            if request.is_finished:
+                continue
+            if not ok:
+                self.scheduler.fail_request(request, ValueError(f"the grammar rejected token {token}"))
+            elif request.grammar.matcher.is_terminated():
+                self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
 
     def wait_for_grammars(self, timeout: float) -> None:
         """Block until a compiling grammar is ready, or ``timeout`` seconds: when only such requests are left, a

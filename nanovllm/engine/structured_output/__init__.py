@@ -97,11 +97,15 @@ class StructuredOutputManager:
         return True
 
     def bitmask(self, matchers: list[Any]) -> np.ndarray:
-        """``[len(matchers), words]`` int32: bit ``t % 32`` of word ``t // 32`` set where token ``t`` is allowed."""
+        """``[len(matchers), words]`` int32: bit ``t % 32`` of word ``t // 32`` set where token ``t`` is allowed
+        (every bit of a terminated matcher's row)."""
         mask = np.full((len(matchers), self._backend.words), -1, dtype=np.int32)
-        for row, matcher in enumerate(matchers):
-            matcher.fill(mask, row)
+        self._backend.fill_bitmask(matchers, mask)
         return mask
+
+    def accept(self, matchers: list[Any], tokens: list[int]) -> list[bool]:
+        """Each matcher takes its token (all at once, on the backend's threads); whether each was allowed."""
+        return self._backend.accept_tokens(matchers, tokens)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -37,6 +37,7 @@ class LLGuidanceBackend:
         stops = sorted(t for t in stop_token_ids if t < len(tokenizer)) or [tokenizer.eos_token_id]
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=stops)
         self.words = (vocab_size + 31) // 32
+        self._executor = llguidance.LLExecutor()
 
     @staticmethod
     def validate(spec: StructuredOutputsParams) -> None:
@@ -56,20 +57,24 @@ class LLGuidanceBackend:
     def matcher(self, compiled: str) -> "LLGuidanceMatcher":
         return LLGuidanceMatcher(self.tokenizer, compiled)
 
+    def fill_bitmask(self, matchers: list["LLGuidanceMatcher"], bitmask: np.ndarray) -> None:
+        """Row ``i`` of ``bitmask`` from ``matchers[i]``, on llguidance's thread pool (a stopped matcher allows its
+        stop tokens only)."""
+        from llguidance.numpy import fill_next_token_bitmask_par
+
+        fill_next_token_bitmask_par(self._executor, [(m.native, row) for row, m in enumerate(matchers)], bitmask)
+
+    def accept_tokens(self, matchers: list["LLGuidanceMatcher"], tokens: list[int]) -> list[bool]:
+        from llguidance.numpy import consume_token_par
+
+        return consume_token_par(self._executor, [(m.native, token) for m, token in zip(matchers, tokens)])
+
 
 class LLGuidanceMatcher:
     def __init__(self, tokenizer: Any, grammar: str) -> None:
         from llguidance import LLMatcher
 
-        self._matcher = LLMatcher(tokenizer, grammar)
-
-    def accept(self, token_id: int) -> bool:
-        return self._matcher.consume_token(token_id)
-
-    def fill(self, bitmask: np.ndarray, row: int) -> None:
-        from llguidance.numpy import fill_next_token_bitmask
-
-        fill_next_token_bitmask(self._matcher, bitmask, row)  # a stopped matcher allows its stop tokens only
+        self.native = LLMatcher(tokenizer, grammar)
 
     def is_terminated(self) -> bool:
-        return self._matcher.is_stopped()
+        return self.native.is_stopped()

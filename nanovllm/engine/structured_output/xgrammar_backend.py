@@ -48,6 +48,9 @@ class XGrammarBackend:
         self.tokenizer_info = xgr.TokenizerInfo.from_vocab_and_metadata(vocab, info.dump_metadata())
         self.compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=2)
         self.words = (vocab_size + 31) // 32  # int32 words of a bitmask row
+        # a step's rows filled by a pool of native threads: one row after another, they cost the step loop
+        # tens of microseconds each
+        self._batch = xgr.BatchGrammarMatcher()
 
     @staticmethod
     def validate(spec: StructuredOutputsParams) -> None:
@@ -67,6 +70,16 @@ class XGrammarBackend:
 
     def matcher(self, compiled: Any) -> "XGrammarMatcher":
         return XGrammarMatcher(compiled)
+
+    def fill_bitmask(self, matchers: list["XGrammarMatcher"], bitmask: np.ndarray) -> None:
+        """Row ``i`` of ``bitmask`` from ``matchers[i]``; a terminated matcher's row is left as it is (its request
+        is over and the row discarded)."""
+        live = [row for row, matcher in enumerate(matchers) if not matcher.native.is_terminated()]
+        if live:
+            self._batch.batch_fill_next_token_bitmask([matchers[row].native for row in live], bitmask, live)
+
+    def accept_tokens(self, matchers: list["XGrammarMatcher"], tokens: list[int]) -> list[bool]:
+        return self._batch.batch_accept_token([matcher.native for matcher in matchers], tokens)
 
 
 def _grammar(builder: Any, spec: StructuredOutputsParams) -> Any:
@@ -101,16 +114,7 @@ class XGrammarMatcher:
         import xgrammar as xgr
 
         # terminated as soon as nothing can follow, with or without the stop token (as llguidance does)
-        self._matcher = xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
-
-    def accept(self, token_id: int) -> bool:
-        return self._matcher.accept_token(token_id)
-
-    def fill(self, bitmask: np.ndarray, row: int) -> None:
-        if self._matcher.is_terminated():  # the request is over; its row is discarded
-            bitmask[row] = -1
-        else:
-            self._matcher.fill_next_token_bitmask(bitmask, row)
+        self.native = xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
 
     def is_terminated(self) -> bool:
-        return self._matcher.is_terminated()
+        return self.native.is_terminated()
