@@ -5,6 +5,7 @@ computation written differently: every expert on every token, then a mask built 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -139,6 +140,10 @@ def test_moe_tiles_fit_shared_memory_in_every_dtype(num_tokens):
         cfg = fit_shared_memory(tuned, element_size, hopper)
         staged = (cfg.block_m * cfg.block_k + 2 * cfg.block_k * cfg.block_n) * element_size * cfg.num_stages
         assert staged <= hopper and cfg.num_stages >= 2 and cfg.block_k >= 16
+        # FP8 experts keep one K step per 128-column scale block: N and M shrink instead
+        fp8 = fit_shared_memory(dataclasses.replace(tuned, block_k=128), element_size, hopper, fixed_block_k=True)
+        staged = (fp8.block_m * fp8.block_k + 2 * fp8.block_k * fp8.block_n) * element_size * fp8.num_stages
+        assert staged <= hopper and fp8.block_k == 128
     # a smaller device (A100: 163 KiB) shrinks even bf16 tiles
     small = fit_shared_memory(tuned, 2, 163 * 1024)
     assert (small.block_m * small.block_k + 2 * small.block_k * small.block_n) * 2 * small.num_stages <= 163 * 1024

@@ -80,17 +80,22 @@ def shared_memory_per_block(device: torch.device) -> int:
     return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 227 * 1024)
 
 
-def fit_shared_memory(cfg: MoEConfig, element_size: int, budget: int) -> MoEConfig:
-    """Shrink the pipeline (then the K tile) until the staged tiles fit in ``budget`` bytes. The tiles above were
-    tuned for bf16; fp32 weights take twice the room. Counted for the gated GEMM, whose B tile holds gate and up
-    (this count is what Triton asks for)."""
+def fit_shared_memory(cfg: MoEConfig, element_size: int, budget: int, fixed_block_k: bool = False) -> MoEConfig:
+    """Shrink the pipeline, then the K tile (or, with ``fixed_block_k``, as FP8 experts need one K step per scale
+    block, the N and then the M tile) until the staged tiles fit in ``budget`` bytes. The tiles above were tuned for
+    bf16; fp32 takes twice the room. Counted for the gated GEMM, whose B tile holds gate and up (this count is what
+    Triton asks for)."""
     def tile_bytes(c: MoEConfig) -> int:
         return (c.block_m * c.block_k + 2 * c.block_k * c.block_n) * element_size * c.num_stages
 
     while tile_bytes(cfg) > budget and cfg.num_stages > 2:
         cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
-    while tile_bytes(cfg) > budget and cfg.block_k > 16:
+    while tile_bytes(cfg) > budget and cfg.block_k > 16 and not fixed_block_k:
         cfg = dataclasses.replace(cfg, block_k=cfg.block_k // 2)
+    while tile_bytes(cfg) > budget and cfg.block_n > 16:
+        cfg = dataclasses.replace(cfg, block_n=cfg.block_n // 2)
+    while tile_bytes(cfg) > budget and cfg.block_m > 16:
+        cfg = dataclasses.replace(cfg, block_m=cfg.block_m // 2)
     return cfg
 
 
@@ -382,7 +387,8 @@ def fused_moe(
         cfg = config
     elif fp8:  # one K step per 128-column scale block; the tiles hold bf16 activations, so budget 2 bytes each
         cfg = dataclasses.replace(pick_config(num_tokens, num_experts, top_k), block_k=128)
-        cfg = fit_shared_memory(cfg, hidden.element_size(), shared_memory_per_block(hidden.device))
+        cfg = fit_shared_memory(cfg, hidden.element_size(), shared_memory_per_block(hidden.device),
+                                fixed_block_k=True)
     else:
         cfg = fit_shared_memory(pick_config(num_tokens, num_experts, top_k), w13.element_size(),
                                 shared_memory_per_block(hidden.device))

@@ -30,7 +30,10 @@ def to_fp8(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
-    return amax.float().clamp(min=AMAX_FLOOR) / FP8_MAX
+    amax = amax.float().clamp(min=AMAX_FLOOR)
+    # over a tensor, not the number: torch divides a CUDA tensor by a Python number as a product with its reciprocal,
+    # which can be one ulp off the IEEE quotient (the kernels' scale), and a one-ulp scale moves some fp8 roundings
+    return amax / torch.full_like(amax, FP8_MAX)
 
 
 # ---- weights ----------------------------------------------------------------------------------------------------
