@@ -2,7 +2,9 @@
 
 One decode step of one layer at Qwen3-0.6B's shapes (16 query heads, 8 KV heads, head_dim 128), a batch of
 sequences with contexts drawn uniformly from a range, pages scattered at random; each variant (cache dtype, KV tile,
-warps) is timed from a replayed CUDA graph. Bytes counted: the K and V each sequence reads, plus q and the output.
+warps, pipeline stages) is timed from a replayed CUDA graph. Bytes counted: the K and V each sequence reads, plus q
+and the output. Each row also gives the largest error against a float64 reference over the same (dequantized)
+cache.
 
     python -m nanovllm.benchmarks.kv_decode --batch 256 --context 100 2048
 """
@@ -30,6 +32,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--block-n", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--num-warps", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--num-stages", type=int, nargs="+", default=[2])
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("kv_decode needs a CUDA GPU")
@@ -50,29 +53,52 @@ def main(argv: list[str] | None = None) -> list[dict]:
     shape = (num_pages, args.block_size, args.num_kv_heads, args.head_dim)
     bf16_k = torch.randn(shape, device=device, dtype=torch.bfloat16)
     bf16_v = torch.randn(shape, device=device, dtype=torch.bfloat16)
-    caches = {"bf16": (bf16_k, bf16_v), "fp8_e4m3": (bf16_k.to(torch.float8_e4m3fn), bf16_v.to(torch.float8_e4m3fn))}
+    variants = [("bf16", bf16_k, bf16_v), ("fp8_e4m3", bf16_k.to(torch.float8_e4m3fn), bf16_v.to(torch.float8_e4m3fn))]
     ones = torch.ones(1, device=device)
     q = torch.randn(args.batch, args.num_heads, args.head_dim, device=device, dtype=torch.bfloat16)
     out = torch.empty_like(q)
     copy_bandwidth = measure_ceilings().copy_bandwidth
     tokens = int(lens.sum())
     results = []
-    for (name, (k, v)), block_n, num_warps in itertools.product(caches.items(), args.block_n, args.num_warps):
+    references = {}
+    for (name, k, v), block_n, num_warps, num_stages in itertools.product(
+            variants, args.block_n, args.num_warps, args.num_stages):
         def call() -> None:
             paged_decode(q, k, v, table, seq_lens, args.head_dim ** -0.5, out=out, block_n=block_n,
-                         num_warps=num_warps, order=order, k_scale=ones, v_scale=ones)
+                         num_warps=num_warps, num_stages=num_stages, order=order, k_scale=ones, v_scale=ones)
 
+        if k.data_ptr() not in references:
+            references[k.data_ptr()] = _reference(q, k, v, table, lens, args.head_dim ** -0.5)
+        call()
+        error = (out.double() - references[k.data_ptr()]).abs().max().item()
         seconds = time_cuda_graph(call)
         moved = 2 * tokens * args.num_kv_heads * args.head_dim * k.element_size() + 2 * q.numel() * q.element_size()
-        results.append({"cache": name, "block_n": block_n, "num_warps": num_warps, "us": seconds * 1e6,
-                        "bandwidth_gbs": moved / seconds / 1e9, "of_copy_bandwidth": moved / seconds / copy_bandwidth})
+        results.append({"variant": name, "block_n": block_n, "num_warps": num_warps, "num_stages": num_stages,
+                        "us": seconds * 1e6, "max_abs_error": error, "bandwidth_gbs": moved / seconds / 1e9,
+                        "of_copy_bandwidth": moved / seconds / copy_bandwidth})
     print(f"batch {args.batch}, contexts U{list(args.context)} ({tokens:,} tokens), heads {args.num_heads}/"
           f"{args.num_kv_heads} x {args.head_dim}, copy bandwidth {copy_bandwidth / 1e9:,.0f} GB/s "
           f"({torch.cuda.get_device_name()})")
     for r in results:
-        print(f"{r['cache']:>9}  block_n {r['block_n']:>3}  warps {r['num_warps']}  {r['us']:8.1f} us  "
-              f"{r['bandwidth_gbs']:7.0f} GB/s  {r['of_copy_bandwidth']:6.1%} of copy")
+        print(f"{r['variant']:>9}  block_n {r['block_n']:>3}  warps {r['num_warps']}  stages {r['num_stages']}  "
+              f"{r['us']:8.1f} us  {r['bandwidth_gbs']:7.0f} GB/s  {r['of_copy_bandwidth']:6.1%} of copy  "
+              f"max error {r['max_abs_error']:.2e}")
     return results
+
+
+def _reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
+               lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Float64 attention of each row over its pages of the (dequantized) cache."""
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = q.shape[1] // num_kv_heads
+    for row, length in enumerate(lens.tolist()):
+        pages = table[row, :(length + block_size - 1) // block_size].long()
+        k = k_cache[pages].double().flatten(0, 1)[:length].repeat_interleave(group, dim=1)  # [T, Hq, D]
+        v = v_cache[pages].double().flatten(0, 1)[:length].repeat_interleave(group, dim=1)
+        weights = torch.einsum("hd,thd->ht", q[row].double(), k).mul(scale).softmax(dim=-1)
+        out[row] = torch.einsum("ht,thd->hd", weights, v)
+    return out
 
 
 if __name__ == "__main__":

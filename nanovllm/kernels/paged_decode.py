@@ -213,7 +213,7 @@ def paged_decode(
     out: torch.Tensor | None = None,
     block_n: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     order: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
@@ -225,8 +225,9 @@ def paged_decode(
     ``order [B]`` int32, a permutation of the rows: the order in which their programs start (longest first
     balances the SMs); the output is the same whatever it is.
     ``workspace`` from ``alloc_decode_workspace`` with at least ``B`` rows and ``num_splits`` splits;
-    allocated here when omitted. ``block_n`` is the KV tile (tokens per loop step); the default
-    was the fastest on an H100 at batch 256 (128 unsplit, 64 split).
+    allocated here when omitted. ``block_n`` is the KV tile (tokens per loop step) and ``num_stages`` the loads in
+    flight; the defaults were the fastest on an H100 at batch 256: 128 tokens unsplit and 64 split, 2 stages, on a
+    bf16 cache; 64 tokens and 3 stages on FP8 (241 against 258 us with the bf16 choice, ``benchmarks/kv_decode.py``).
     """
     batch, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
@@ -245,7 +246,8 @@ def paged_decode(
     if batch == 0:
         return out
     group = num_heads // num_kv_heads
-    block_n = block_n or (128 if num_splits == 1 else 64)
+    block_n = block_n or (128 if num_splits == 1 and not kv_fp8 else 64)
+    num_stages = num_stages or (3 if kv_fp8 else 2)
     assert block_n >= 16 and block_n & (block_n - 1) == 0
 
     if num_splits > 1:
