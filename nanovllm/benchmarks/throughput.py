@@ -110,6 +110,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--structured-fraction", type=float, default=0.0,
                         help="this share of the requests (every k-th) carries a JSON schema (structured outputs; "
                              "needs a tokenizer, e.g. --tokenizer DIR with dummy weights)")
+    parser.add_argument("--structured-outputs-backend", default="xgrammar", choices=["xgrammar", "llguidance"],
+                        help="grammar engine of --structured-fraction's requests")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     parser.add_argument("--output-json", default=None, help="write the figures to this file")
     parser.add_argument("--step-log", default=None, metavar="FILE",
@@ -163,7 +165,7 @@ def engine_args(args: argparse.Namespace, device: str, load_format: str | None) 
         gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
         enable_prefix_caching=args.enable_prefix_caching, tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size, kv_cache_dtype=args.kv_cache_dtype,
-        quantization=args.quantization,
+        quantization=args.quantization, structured_outputs_backend=args.structured_outputs_backend,
     )
     if args.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
