@@ -45,6 +45,21 @@ class _InFlight:
     grammar_rows: list[int] = field(default_factory=list)  # sampled rows whose grammar bitmask is still to come
 
 
+@dataclass
+class _GrammarStep:
+    """Matcher work running on the structured-output thread while the host schedules and builds the next step:
+    the matchers take the last collected tokens, then the bitmask of ``launched`` (a step launched without it) is
+    made. Joined before anything new is queued on the device, and before ``launched`` is collected."""
+
+    result: futures.Future  # (accepted flags, bitmask or None)
+    sampled: list[tuple[Request, int]]  # the constrained rows' tokens being accepted
+    launched: _InFlight | None
+
+
+# (request, its new token or None for none, its logprobs) for one output of a step
+_Update = tuple[Request, int | None, "dict[int, float] | None"]
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, executor: Executor,
                  load_tokenizer: Callable[[], Any] | None = None) -> None:
@@ -70,6 +85,8 @@ class EngineCore:
         self.num_micro_batches = num_micro_batches
         self.max_in_flight = (num_micro_batches - 1) + (1 if self.overlap else 0)
         self.in_flight: deque[_InFlight] = deque()
+        self._to_accept: list[tuple[Request, int]] = []  # collected tokens of constrained rows, for their matchers
+        self._grammar_step: _GrammarStep | None = None
 
     @property
     def num_kv_pages(self) -> int:
@@ -91,42 +108,56 @@ class EngineCore:
         if not self.scheduler.has_unfinished() and self.num_micro_batches == 1:
             # its results would belong to no one; the device finishes it regardless (a pipeline's stages are still
             # collected, since its ranks expect every launched step's messages to be received)
+            self._join_grammar_step()
             self.in_flight.clear()
+            self._to_accept.clear()
 
     def finish_request(self, request_id: str, stop_reason: str) -> None:
         """A stop string was found by the front end."""
         self.scheduler.finish_request(request_id, RequestStatus.FINISHED_STOPPED, stop_reason)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self.in_flight)
+        return self.scheduler.has_unfinished() or bool(self.in_flight) or self._grammar_step is not None
 
     def step(self) -> list[EngineCoreOutput]:
         """One scheduling round. With overlap, step N+1 is scheduled and queued on the device before step N's
         results are read back, so the host's work hides behind the device's; results arrive one call late. With
         micro-batches, up to ``max_in_flight`` steps stay launched; the oldest is collected when a newer one is
-        launched, or when nothing new could be scheduled."""
+        launched, or when nothing new could be scheduled. Constrained rows: see ``_GrammarStep``."""
         start = time.perf_counter()
         failed = self._poll_grammars()
         # the named ranges show up in a torch profiler trace (bench throughput --profile)
         with record_function("nanovllm.schedule"):
             sched = self.scheduler.schedule()
-        updated: list[tuple[Request, int, dict[int, float] | None]] = []
+        updated: list[_Update] = []
         launched = None
         if not sched.is_empty:
             with record_function("nanovllm.launch"):
                 constrained = any(chunk.request.grammar for chunk in sched.sampled_chunks)
                 if constrained and not self.executor.samples_later:
-                    while self.in_flight:  # the bitmask goes with the launch, and needs every earlier token
+                    # the bitmask goes with the launch, and needs every earlier token accepted
+                    self._finish_grammar_step(updated, sched)
+                    while self.in_flight:
                         updated += self._collect_oldest()
+                    self._start_grammar_step(None)
                 host = self._build(sched, failed)
+                if self._grammar_step is not None:
+                    # ended requests leave the step; rebuilding its arrays is rare (a grammar just completed)
+                    if self._finish_grammar_step(updated, sched) and not sched.is_empty:
+                        host = self._build(sched, failed)
                 if not sched.is_empty:
                     launched = self._launch(sched, host)
-        if launched is not None and launched.grammar_rows and len(self.in_flight) == 1:
-            self._sample_with_grammar(launched)  # nothing earlier in flight: the matchers are up to date
+        else:
+            self._finish_grammar_step(updated)
         if self.in_flight and (len(self.in_flight) > self.max_in_flight or sched.is_empty):
+            if self.in_flight[0] is launched and launched.grammar_rows:  # collected at once: sample it first
+                self._start_grammar_step(launched)
+                self._finish_grammar_step(updated)
             updated += self._collect_oldest()
-        if launched is not None and launched.grammar_rows:
-            self._sample_with_grammar(launched)
+        if self._to_accept or (launched is not None and launched.grammar_rows):
+            self._start_grammar_step(launched if launched is not None and launched.grammar_rows else None)
+        if self._grammar_step is not None and (not self.overlap or sched.is_empty or not self.in_flight):
+            self._finish_grammar_step(updated)  # no next step to hide it behind
         updated = [(r, -1, None) for r in failed] + updated
         step_time = time.perf_counter() - start
         self.stats.step_time_s += step_time
@@ -159,35 +190,63 @@ class EngineCore:
         chunks = sched.sampled_chunks
         return self.structured.bitmask([chunks[row].request.grammar.matcher for row in rows])
 
-    def _sample_with_grammar(self, launched: _InFlight) -> None:
-        with record_function("nanovllm.grammar"):
-            self.executor.sample(launched.step, self._grammar_bitmask(launched.sched, launched.grammar_rows))
-        launched.grammar_rows = []
-
-    def _collect_oldest(self) -> list[tuple[Request, int, dict[int, float] | None]]:
+    def _collect_oldest(self) -> list[_Update]:
         done = self.in_flight.popleft()
         with record_function("nanovllm.collect"):
             result = self.executor.collect(done.step)
         with record_function("nanovllm.update"):
             updates = self.scheduler.update(done.sched, result)
-            constrained = [(request, token) for request, token, _ in updates
-                           if request.grammar is not None and token >= 0]
-            if constrained:
-                self._advance_grammars(constrained)
+            self._to_accept += [(request, token) for request, token, _ in updates
+                                if request.grammar is not None and token >= 0]
         self._count(done.sched, sum(1 for _, token, _ in updates if token >= 0))
         return updates
 
-    def _advance_grammars(self, sampled: list[tuple[Request, int]]) -> None:
-        """The matchers take their tokens; a grammar that can take no more ends its request (a stop)."""
-        accepted = self.structured.accept([request.grammar.matcher for request, _ in sampled],
-                                          [token for _, token in sampled])
-        for (request, token), ok in zip(sampled, accepted):
-            if request.is_finished:
+    def _start_grammar_step(self, launched: _InFlight | None) -> None:
+        """The matchers take the collected tokens, then ``launched``'s bitmask is made, on the step thread."""
+        if self._grammar_step is not None:
+            raise RuntimeError("a grammar step is still running")
+        sampled, self._to_accept = self._to_accept, []
+        to_fill = None
+        if launched is not None:
+            chunks = launched.sched.sampled_chunks
+            to_fill = [chunks[row].request.grammar.matcher for row in launched.grammar_rows]
+        result = self.structured.advance_then_fill(
+            [request.grammar.matcher for request, _ in sampled], [token for _, token in sampled], to_fill)
+        self._grammar_step = _GrammarStep(result, sampled, launched)
+
+    def _finish_grammar_step(self, updated: list[_Update], sched: SchedulerOutput | None = None) -> bool:
+        """Join the grammar step: sample the step that waited for its bitmask, and end the requests whose grammar
+        refused a token or can take no more (each with an output of no new token; out of ``sched`` too, a step not
+        yet launched). Whether any left ``sched``."""
+        work, self._grammar_step = self._grammar_step, None
+        if work is None:
+            return False
+        with record_function("nanovllm.grammar"):
+            accepted, bitmask = work.result.result()
+            if work.launched is not None:
+                self.executor.sample(work.launched.step, bitmask)
+                work.launched.grammar_rows = []
+        left_step = False
+        reported = None
+        for (request, token), ok in zip(work.sampled, accepted):
+            if request.is_finished or (ok and not request.grammar.matcher.is_terminated()):
                 continue
-            if not ok:
-                self.scheduler.fail_request(request, ValueError(f"the grammar rejected token {token}"))
-            elif request.grammar.matcher.is_terminated():
+            if sched is not None:
+                left_step |= self.scheduler.take_out_of_step(request, sched)
+            if ok:
                 self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+            else:
+                self.scheduler.fail_request(request, ValueError(f"the grammar rejected token {token}"))
+            reported = reported if reported is not None else {id(r) for r, _, _ in updated}
+            if id(request) not in reported:  # else its token's output, made after this, carries the finish
+                updated.append((request, None, None))
+        return left_step
+
+    def _join_grammar_step(self) -> None:
+        """Wait for a running grammar step and drop its results (its requests are gone)."""
+        work, self._grammar_step = self._grammar_step, None
+        if work is not None:
+            work.result.result()
 
     def wait_for_grammars(self, timeout: float) -> None:
         """Block until a compiling grammar is ready, or ``timeout`` seconds: when only such requests are left, a
@@ -232,12 +291,12 @@ class EngineCore:
         return build_host_batch(sched, self.config.block_size, self.vocab_size) if not sched.is_empty else None
 
     @staticmethod
-    def _output(request: Request, token: int, logprobs: dict[int, float] | None) -> EngineCoreOutput:
+    def _output(request: Request, token: int | None, logprobs: dict[int, float] | None) -> EngineCoreOutput:
         if request.status is RequestStatus.FINISHED_ERROR:
             return EngineCoreOutput(request.request_id, [], "error", request.stop_reason)
         out = EngineCoreOutput(
             request_id=request.request_id,
-            new_token_ids=[token],
+            new_token_ids=[] if token is None else [token],
             finish_reason=request.status.value if request.is_finished else None,
             stop_reason=request.stop_reason,
             num_cached_tokens=max(request.num_cached_tokens, 0),

@@ -284,17 +284,24 @@ class Scheduler:
         logger.error("request %s failed: %s: %s", request.request_id, type(error).__name__, error,
                      exc_info=(type(error), error, error.__traceback__))
         if sched is not None:
-            for i, chunk in enumerate(sched.chunks):
-                if chunk.request is request:
-                    sched.num_batched_tokens -= chunk.num_tokens
-                    del sched.chunks[i]
-                    break
-            doomed = set(request.page_table)
-            sched.page_copies = [(src, dst) for src, dst in sched.page_copies if dst not in doomed]
-            request.in_flight = False
+            self.take_out_of_step(request, sched)
         if request.request_id in self.requests:
             self.finish_request(request.request_id, RequestStatus.FINISHED_ERROR,
                                 f"{type(error).__name__}: {error}")
+
+    @staticmethod
+    def take_out_of_step(request: Request, sched: SchedulerOutput) -> bool:
+        """Remove ``request``'s chunk from a step that has not been launched (before the request ends, so that the
+        step neither writes into its freed pages nor copies into them); whether it had one."""
+        index = next((i for i, chunk in enumerate(sched.chunks) if chunk.request is request), None)
+        if index is None:
+            return False
+        sched.num_batched_tokens -= sched.chunks[index].num_tokens
+        del sched.chunks[index]
+        doomed = set(request.page_table)
+        sched.page_copies = [(src, dst) for src, dst in sched.page_copies if dst not in doomed]
+        request.in_flight = False
+        return True
 
     def _stop_status(self, request: Request, token: int, index: int) -> RequestStatus | None:
         params = request.sampling_params

@@ -62,6 +62,10 @@ class StructuredOutputManager:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
         2, thread_name_prefix="nanovllm-grammar"), init=False)
+    # a step's matcher work, one batch at a time: the backends' batch calls release the GIL, so it runs while the
+    # engine's thread schedules and builds the next step
+    _step_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        1, thread_name_prefix="nanovllm-grammar-step"), init=False)
 
     def start(self, spec: StructuredOutputsParams, eos_token_ids: frozenset[int]) -> GrammarState:
         """Begin compiling ``spec`` (or reuse it): the request waits until ``poll`` gives it its matcher."""
@@ -105,7 +109,17 @@ class StructuredOutputManager:
 
     def accept(self, matchers: list[Any], tokens: list[int]) -> list[bool]:
         """Each matcher takes its token (all at once, on the backend's threads); whether each was allowed."""
-        return self._backend.accept_tokens(matchers, tokens)
+        return self._backend.accept_tokens(matchers, tokens) if matchers else []
+
+    def advance_then_fill(self, matchers: list[Any], tokens: list[int], to_fill: list[Any] | None) -> Future:
+        """On the step thread: ``accept(matchers, tokens)``, then (unless ``to_fill`` is None) the ``bitmask`` of
+        ``to_fill``. A future of (accepted flags, bitmask or None)."""
+        def work() -> tuple[list[bool], np.ndarray | None]:
+            accepted = self.accept(matchers, tokens)
+            return accepted, None if to_fill is None else self.bitmask(to_fill)
+
+        return self._step_pool.submit(work)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._step_pool.shutdown(wait=False, cancel_futures=True)
