@@ -296,7 +296,13 @@ class Scheduler:
         index = next((i for i, chunk in enumerate(sched.chunks) if chunk.request is request), None)
         if index is None:
             return False
-        sched.num_batched_tokens -= sched.chunks[index].num_tokens
+        chunk = sched.chunks[index]
+        sched.num_batched_tokens -= chunk.num_tokens
+        # nothing of the chunk will be computed: freeing the request must not offer those tokens' pages to the
+        # prefix cache (as in _preempt)
+        request.num_computed_tokens = chunk.start
+        if chunk.sample and request.token_ids and request.token_ids[-1] == PLACEHOLDER:
+            request.token_ids.pop()
         del sched.chunks[index]
         doomed = set(request.page_table)
         sched.page_copies = [(src, dst) for src, dst in sched.page_copies if dst not in doomed]
