@@ -1,6 +1,5 @@
-"""Review of the threaded grammar step: a request that leaves a step before launch (``Scheduler.take_out_of_step``,
-used when its grammar ended while the step was being scheduled, and by ``fail_request``) must not leave KV that was
-never computed in the prefix cache.
+"""A request that leaves a step before launch (``Scheduler.take_out_of_step``, used when its grammar ended while the
+step was being scheduled, and by ``fail_request``) must not leave KV that was never computed in the prefix cache.
 
 Scenario in the engine: with overlap, a constrained request is preempted while its last token is still being
 accepted by its matcher on the grammar thread; it is re-admitted in the next schedule (a recompute chunk), then the
