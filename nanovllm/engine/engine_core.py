@@ -245,8 +245,8 @@ class EngineCore:
     def _join_grammar_step(self) -> None:
         """Wait for a running grammar step and drop its results (its requests are gone)."""
         work, self._grammar_step = self._grammar_step, None
-        if work is not None:
-            work.result.result()
+        if work is not None and work.result.exception() is not None:  # waits; an error here has no one to go to
+            logger.warning("a dropped grammar step had failed: %r", work.result.exception())
 
     def wait_for_grammars(self, timeout: float) -> None:
         """Block until a compiling grammar is ready, or ``timeout`` seconds: when only such requests are left, a
