@@ -89,13 +89,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
 def _reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
                lens: torch.Tensor, scale: float) -> torch.Tensor:
     """Float64 attention of each row over its pages of the (dequantized) cache."""
+    from nanovllm.layers.attention.torch_backend import gather_kv
+
     out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = q.shape[1] // num_kv_heads
     for row, length in enumerate(lens.tolist()):
         pages = table[row, :(length + block_size - 1) // block_size].long()
-        k = k_cache[pages].double().flatten(0, 1)[:length].repeat_interleave(group, dim=1)  # [T, Hq, D]
-        v = v_cache[pages].double().flatten(0, 1)[:length].repeat_interleave(group, dim=1)
+        k = gather_kv(k_cache, pages, length).double().repeat_interleave(group, dim=1)  # [T, Hq, D]
+        v = gather_kv(v_cache, pages, length).double().repeat_interleave(group, dim=1)
         weights = torch.einsum("hd,thd->ht", q[row].double(), k).mul(scale).softmax(dim=-1)
         out[row] = torch.einsum("ht,thd->hd", weights, v)
     return out

@@ -149,13 +149,15 @@ class EngineCore:
                     launched = self._launch(sched, host)
         else:
             self._finish_grammar_step(updated)
+        awaiting_mask = launched if launched is not None and launched.grammar_rows else None
         if self.in_flight and (len(self.in_flight) > self.max_in_flight or sched.is_empty):
-            if self.in_flight[0] is launched and launched.grammar_rows:  # collected at once: sample it first
-                self._start_grammar_step(launched)
+            if awaiting_mask is not None and self.in_flight[0] is awaiting_mask:  # collected at once: sample first
+                self._start_grammar_step(awaiting_mask)
                 self._finish_grammar_step(updated)
+                awaiting_mask = None
             updated += self._collect_oldest()
-        if self._to_accept or (launched is not None and launched.grammar_rows):
-            self._start_grammar_step(launched if launched is not None and launched.grammar_rows else None)
+        if self._to_accept or awaiting_mask is not None:
+            self._start_grammar_step(awaiting_mask)
         if self._grammar_step is not None and (not self.overlap or sched.is_empty or not self.in_flight):
             self._finish_grammar_step(updated)  # no next step to hide it behind
         updated = [(r, -1, None) for r in failed] + updated
