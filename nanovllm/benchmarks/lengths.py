@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
@@ -49,3 +50,9 @@ def fit_lengths(parts: list[Length], budget: int | None, stretch: float = 1.0, l
 
 def _longest(lengths: list[int], stretch: float) -> int:
     return sum(math.floor(n * stretch) for n in lengths)
+
+
+def draw_length(rng: random.Random, mean: int, range_ratio: float) -> int:
+    """A length uniform in ``mean * [1 - range_ratio, 1 + range_ratio]``, at least 1 (vLLM's random dataset)."""
+    low, high = int(mean * (1 - range_ratio)), int(mean * (1 + range_ratio))
+    return rng.randint(max(low, 1), max(high, 1))

@@ -17,6 +17,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from nanovllm.benchmarks.lengths import draw_length
 from nanovllm.benchmarks.serve_client import BenchRequest
 from nanovllm.benchmarks.sharegpt import Sample
 
@@ -82,8 +83,7 @@ class PromptMaker:
         return text, len(self.tokenizer.encode(text, add_special_tokens=False))
 
     def length(self, mean: int, range_ratio: float) -> int:
-        low, high = int(mean * (1 - range_ratio)), int(mean * (1 + range_ratio))
-        return self.rng.randint(max(low, 1), max(high, 1))
+        return draw_length(self.rng, mean, range_ratio)
 
 
 def random_requests(maker: PromptMaker, num: int, input_len: int, output_len: int,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from nanovllm.benchmarks import sharegpt
+from nanovllm.benchmarks.lengths import draw_length
 
 DATASETS = ("nano-vllm", "random", "sharegpt")
 
@@ -49,7 +50,7 @@ def random_workload(num_prompts: int, input_len: int, output_len: int, range_rat
     rng = random.Random(seed)
 
     def length(mean: int) -> int:
-        return rng.randint(max(int(mean * (1 - range_ratio)), 1), max(int(mean * (1 + range_ratio)), 1))
+        return draw_length(rng, mean, range_ratio)
 
     prompts, max_tokens = [], []
     for _ in range(num_prompts):

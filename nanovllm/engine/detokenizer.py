@@ -102,14 +102,15 @@ class _StreamDecoder:
         return text
 
     def finish(self) -> str:
-        if self.fallback is not None:
-            return self.fallback.finish()
-        if not self.pending:
-            return ""
-        prefix_text = self.backend.decode(self.emitted, skip_special_tokens=self.skip_special_tokens)
-        full_text = self.backend.decode(self.emitted + self.pending, skip_special_tokens=self.skip_special_tokens)
-        self.emitted, self.pending = self.emitted + self.pending, []
-        return full_text[len(prefix_text) :] if len(full_text) > len(prefix_text) else ""
+        if self.fallback is None:
+            if not self.pending:
+                return ""
+            # the held-back tokens' text, as the window method would give it (the same decode, chosen by
+            # decode_stream_backend)
+            self.fallback = _WindowDecoder(self.tokenizer, self.skip_special_tokens,
+                                           self.emitted + self.pending, len(self.emitted))
+            self.emitted = self.pending = []
+        return self.fallback.finish()
 
 
 def decode_stream_backend(tokenizer: Any) -> Any:

@@ -214,15 +214,22 @@ class Scheduler:
         out.chunks.append(chunk)
         out.num_batched_tokens += num_tokens
 
+    @staticmethod
+    def _unschedule(request: Request, out: SchedulerOutput) -> bool:
+        """Take back ``request``'s chunk of a step not yet launched: nothing of it will be computed (so its pages
+        must not reach the prefix cache), and its sample slot goes. Whether it had one."""
+        index = next((i for i, chunk in enumerate(out.chunks) if chunk.request is request), None)
+        if index is None:
+            return False
+        chunk = out.chunks.pop(index)
+        out.num_batched_tokens -= chunk.num_tokens
+        request.num_computed_tokens = chunk.start
+        if chunk.sample and request.token_ids and request.token_ids[-1] == PLACEHOLDER:
+            request.token_ids.pop()
+        return True
+
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
-        for i, chunk in enumerate(out.chunks):  # already scheduled in this step: take its chunk back
-            if chunk.request is request:
-                out.num_batched_tokens -= chunk.num_tokens
-                request.num_computed_tokens = chunk.start  # nothing of the chunk will be computed
-                if chunk.sample:
-                    request.token_ids.pop()
-                del out.chunks[i]
-                break
+        self._unschedule(request, out)  # already scheduled in this step: take its chunk back
         self.running.remove(request)
         self.kv.free(request)
         request.num_computed_tokens = 0
@@ -293,17 +300,8 @@ class Scheduler:
     def take_out_of_step(request: Request, sched: SchedulerOutput) -> bool:
         """Remove ``request``'s chunk from a step that has not been launched (before the request ends, so that the
         step neither writes into its freed pages nor copies into them); whether it had one."""
-        index = next((i for i, chunk in enumerate(sched.chunks) if chunk.request is request), None)
-        if index is None:
+        if not Scheduler._unschedule(request, sched):
             return False
-        chunk = sched.chunks[index]
-        sched.num_batched_tokens -= chunk.num_tokens
-        # nothing of the chunk will be computed: freeing the request must not offer those tokens' pages to the
-        # prefix cache (as in _preempt)
-        request.num_computed_tokens = chunk.start
-        if chunk.sample and request.token_ids and request.token_ids[-1] == PLACEHOLDER:
-            request.token_ids.pop()
-        del sched.chunks[index]
         doomed = set(request.page_table)
         sched.page_copies = [(src, dst) for src, dst in sched.page_copies if dst not in doomed]
         request.in_flight = False
