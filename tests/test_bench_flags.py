@@ -16,6 +16,7 @@ import pytest
 from nanovllm.benchmarks import lengths, serve, serve_args, throughput
 from nanovllm.benchmarks.serve_datasets import COMMON_WORDS, PromptMaker
 from nanovllm.benchmarks.serve_server import ServerError, discover
+from nanovllm.config import EngineConfig
 from nanovllm.entrypoints.cli import build_parser
 
 # vLLM's `vllm bench serve` flags this benchmark supports, as vLLM's docs spell them
@@ -91,15 +92,26 @@ def test_save_result_without_a_path_names_the_file_like_vllm(tmp_path) -> None: 
     assert serve_args.result_path(bench_args("serve"), "m") is None
 
 
-def test_throughput_prefix_caching_flags_and_n() -> None:
-    assert bench_args("throughput").enable_prefix_caching is True
-    assert bench_args("throughput", "--enable-prefix-caching").enable_prefix_caching is True
-    assert bench_args("throughput", "--no-enable-prefix-caching").enable_prefix_caching is False
-    assert bench_args("throughput", "--no-prefix-caching").enable_prefix_caching is False  # the old spelling
+def test_throughput_engine_defaults_and_old_spellings() -> None:
+    def config(*argv: str, preset: bool = True) -> EngineConfig:
+        kwargs = throughput.engine_args(bench_args("throughput", *argv), "cpu", preset)
+        return EngineConfig.from_kwargs("m", **kwargs)
+
+    # unset engine flags keep the engine's defaults (256 sequences, 0.9 of the GPU, prefix caching on); a preset
+    # has no weights, so dummy ones unless --load-format says otherwise
+    assert config() == EngineConfig("m", device="cpu", load_format="dummy")
+    assert (config().max_num_seqs, config().gpu_memory_utilization, config().enable_prefix_caching) == (256, 0.9, True)
+    assert config(preset=False).load_format == "auto" and config("--load-format", "auto").load_format == "auto"
+    for spelling, on in (("--enable-prefix-caching", True), ("--no-enable-prefix-caching", False),
+                         ("--no-prefix-caching", False)):  # the last: the old spelling
+        assert config(spelling).enable_prefix_caching is on
+    parallel = config("-tp", "2", "-pp", "3")
+    assert (parallel.tensor_parallel_size, parallel.pipeline_parallel_size) == (2, 3)
     args = bench_args("throughput", "--n", "3", "--seed", "5", "--dataset-name", "random")
     assert (args.n, args.seed, args.dataset_name, args.max_model_len) == (3, 5, "random", None)
-    kwargs = throughput.engine_args(bench_args("throughput", "--no-prefix-caching", "--seed", "5"), "cpu", "dummy")
-    assert kwargs["enable_prefix_caching"] is False and kwargs["seed"] == 5 and kwargs["max_model_len"] is None
+    assert bench_args("throughput").seed == 0  # the workload's, whatever the engine's default
+    kwargs = throughput.engine_args(bench_args("throughput", "--seed", "5"), "cpu", True)
+    assert kwargs["seed"] == 5 and "max_model_len" not in kwargs
 
 
 def test_fit_lengths_shrinks_defaults_and_keeps_given_lengths() -> None:

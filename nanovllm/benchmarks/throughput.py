@@ -5,7 +5,8 @@ That workload: ``random.seed(0)``; 256 prompts of random token ids in [0, 10000]
 generate before timing; Qwen3-0.6B's shape with dummy weights. (bench.py also set ``max_model_len=4096``; here
 ``--max-model-len`` defaults to what the model allows.) On CPU the same command runs a scaled-down case (8 prompts,
 lengths in [8, 64]). ``--dataset-name random`` and ``sharegpt`` run vLLM's workloads instead
-(``throughput_datasets.py``); flags are spelled as ``vllm bench throughput`` spells them.
+(``throughput_datasets.py``); flags are spelled as ``vllm bench throughput`` spells them. The engine flags are
+``add_engine_args``'s, the same as ``nanovllm serve``'s; ``--seed`` seeds the workload too.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Any, Iterator
 
 import torch
 
+from nanovllm.entrypoints.engine_args import add_engine_args, engine_kwargs
 from nanovllm.llm import LLM
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.benchmarks.lengths import Length, fit_lengths
@@ -71,7 +73,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "lengths around --input-len/--output-len; sharegpt: a local ShareGPT JSON file")
     parser.add_argument("--dataset-path", default=None, help="the ShareGPT JSON file for --dataset-name sharegpt")
     parser.add_argument("--num-prompts", type=int, default=None, help="default 256 (8 on CPU)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the workload and the sampling")
     parser.add_argument("--n", type=int, default=1, help="samples generated per prompt")
     parser.add_argument("--input-len", type=int, default=None,
                         help="prompt length: fixed for nano-vllm (default: its range), the mean for random (default "
@@ -81,25 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"random (default {RANDOM_LENGTHS[0][1]}, {RANDOM_LENGTHS[1][1]} on CPU)")
     parser.add_argument("--random-range-ratio", type=float, default=0.0,
                         help="random: lengths uniform in len * [1 - r, 1 + r], r in [0, 1)")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--load-format", default=None, help="'dummy' (default for presets) or 'auto'")
-    parser.add_argument("--quantization", default=None, choices=["fp8"],
-                        help="FP8 weights (default: as the checkpoint's quantization_config says)")
-    parser.add_argument("--max-model-len", type=int, default=None, help="default: what the model allows")
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--attention-backend", default="auto")
-    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype), fp8 or fp8_e5m2")
-    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                        help="the radix prefix cache (default: on)")
-    parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                        help=argparse.SUPPRESS)  # the old spelling of --no-enable-prefix-caching
     parser.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
     parser.add_argument("--compare-hf", action="store_true",
                         help="also run HF transformers' continuous batching on the same workload (first, on the "
@@ -110,12 +93,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--structured-fraction", type=float, default=0.0,
                         help="this share of the requests (every k-th) carries a JSON schema (structured outputs; "
                              "needs a tokenizer, e.g. --tokenizer DIR with dummy weights)")
-    parser.add_argument("--structured-outputs-backend", default="xgrammar", choices=["xgrammar", "llguidance"],
-                        help="grammar engine of --structured-fraction's requests")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
     parser.add_argument("--output-json", default=None, help="write the figures to this file")
     parser.add_argument("--step-log", default=None, metavar="FILE",
                         help="write every step's wall and host time and batch to this JSON file")
+    add_engine_args(parser)
+    # the workload is drawn before the engine exists, and must not change from run to run (bench.py's seed 0)
+    parser.set_defaults(seed=0)
+    parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
+                        help=argparse.SUPPRESS)  # the old spelling of --no-enable-prefix-caching
 
 
 RANDOM_LENGTHS = ((1024, 128), (32, 16))  # --dataset-name random's default (input, output): GPU, CPU
@@ -158,36 +143,28 @@ def build_workload(args: argparse.Namespace, small: bool, vocab_size: int, token
     return workload
 
 
-def engine_args(args: argparse.Namespace, device: str, load_format: str | None) -> dict[str, Any]:
-    kwargs: dict[str, Any] = dict(
-        device=device, dtype=args.dtype, enforce_eager=args.enforce_eager, load_format=load_format or "auto",
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, seed=args.seed,
-        gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
-        enable_prefix_caching=args.enable_prefix_caching, tensor_parallel_size=args.tensor_parallel_size,
-        pipeline_parallel_size=args.pipeline_parallel_size, kv_cache_dtype=args.kv_cache_dtype,
-        quantization=args.quantization, structured_outputs_backend=args.structured_outputs_backend,
-    )
-    if args.max_num_batched_tokens:
-        kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
-    if args.tokenizer:
-        kwargs["tokenizer"] = args.tokenizer
+def engine_args(args: argparse.Namespace, device: str, preset: bool) -> dict[str, Any]:
+    """``LLM``'s keyword arguments: the engine flags given, on the resolved ``device``."""
+    kwargs = engine_kwargs(args)
+    kwargs["device"] = device
+    if preset:  # a preset is a config alone: there are no weights to load
+        kwargs.setdefault("load_format", "dummy")
     return kwargs
 
 
 def main(args: argparse.Namespace) -> dict:
     _check(args)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device if args.device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
     small = device == "cpu"
-    model, load_format = args.model, args.load_format
-    if model in PRESETS:
+    model, preset = args.model, args.model in PRESETS
+    if preset:
         model = write_config_only(tempfile.mkdtemp(prefix="nanovllm-bench-"), model)
-        load_format = load_format or "dummy"
     workload, peer = None, None
     if args.compare_hf:  # the peer runs first, on a GPU nothing else holds yet (after our engine, its memory would
         workload = _peer_workload(args, small, model)  # still be cached)
         peer = _run_peer(model, workload, args.temperature, device)
     logger.info("loading %s on %s", args.model, device)
-    llm = LLM(model, **engine_args(args, device, load_format))
+    llm = LLM(model, **engine_args(args, device, preset))
     max_model_len = llm.engine.config.max_model_len
     if workload is None:
         workload = build_workload(args, small, llm.engine.config.hf_config.vocab_size, llm.tokenizer, max_model_len)
@@ -230,7 +207,7 @@ def main(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "n": args.n,
         "max_model_len": max_model_len,
-        "enable_prefix_caching": args.enable_prefix_caching,
+        "enable_prefix_caching": llm.engine.config.enable_prefix_caching,
         "num_prompts": num_prompts,
         "prompt_tokens": prompt_tokens,
         "output_tokens": output_tokens,
