@@ -18,6 +18,7 @@ from nanovllm.benchmarks.serve_datasets import COMMON_WORDS, PromptMaker
 from nanovllm.benchmarks.serve_server import ServerError, discover
 from nanovllm.config import EngineConfig
 from nanovllm.entrypoints.cli import build_parser
+from nanovllm.entrypoints.engine_args import engine_flags
 
 # vLLM's `vllm bench serve` flags this benchmark supports, as vLLM's docs spell them
 VLLM_SERVE_FLAGS = (
@@ -90,6 +91,10 @@ def test_save_result_without_a_path_names_the_file_like_vllm(tmp_path) -> None: 
     assert path.startswith(str(tmp_path / "out") + "/openai-4qps-My-Model-") and path.endswith(".json")
     assert serve_args.result_path(bench_args("serve", "--save-result", "r.json"), "m") == "r.json"
     assert serve_args.result_path(bench_args("serve"), "m") is None
+
+
+def test_throughput_takes_every_engine_flag() -> None:
+    assert {f.option for f in engine_flags()} | {"-tp", "-pp", "--no-prefix-caching"} <= option_strings("throughput")
 
 
 def test_throughput_engine_defaults_and_old_spellings() -> None:
