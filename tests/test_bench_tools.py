@@ -148,6 +148,51 @@ def test_throughput_sharegpt_dataset(qwen3_dir: str, tmp_path) -> None:  # noqa:
     assert result["output_tokens"] == sum(c for _, c in valid)
 
 
+def test_sharegpt_workload_tokenizes_each_text_once_to_the_ids_of_one_at_a_time(tmp_path) -> None:  # noqa: ANN001
+    """The texts go through the tokenizer once, in batches, yet the same pairs qualify and each prompt's ids are
+    those of tokenizing it alone (what the workload did before)."""
+    from tokenizers.processors import TemplateProcessing
+
+    from nanovllm.benchmarks import sharegpt
+    from nanovllm.benchmarks.throughput_datasets import sharegpt_workload
+    from nanovllm.testing import CORPUS, build_tokenizer
+
+    tokenizer = build_tokenizer(tmp_path / "tokenizer")
+    # a BOS before every text, as Llama's tokenizers add: the ids must come from the same call as before
+    bos = "<|im_start|>"
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tokenizer.convert_tokens_to_ids(bos))])
+    lines = [line for line in CORPUS.splitlines() if line.strip()]
+    pairs = [(lines[i], lines[i + 1]) for i in range(0, len(lines) - 1, 2)]
+    pairs += [(" leading space, \u00e9t\u00e9 \U0001f600 and\ttabs\n", "d\u00e9j\u00e0 vu <|im_end|>"),
+              ("Hi", "a prompt too short"), ("x " * 700, "a prompt too long")]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps([{"conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": c}]}
+                                for p, c in pairs]))
+    batches: list[list[str]] = []
+
+    def recording(texts: list[str], **kwargs: object):  # noqa: ANN202
+        batches.append(texts)
+        return tokenizer(texts, **kwargs)
+
+    def alone(text: str) -> list[int]:
+        return tokenizer(text)["input_ids"]
+
+    num = len(pairs) + 5  # more than qualify: the whole file is read and some pairs are drawn again
+    for output_len in (None, 7):
+        expected = sharegpt.sample(sharegpt.load_conversations(str(path), 1), num,
+                                   lambda texts: [len(alone(t)) for t in texts], 96, output_len, 1)
+        batches.clear()
+        workload = sharegpt_workload(str(path), num, recording, 96, output_len, 1)
+        assert workload.prompts == [alone(s.prompt) for s in expected]
+        assert workload.max_tokens == [s.output_len for s in expected]
+        assert 0 < len(set(map(tuple, workload.prompts))) < len(pairs)
+        assert len({id(p) for p in workload.prompts}) == num  # a list of its own for each request
+        assert all(isinstance(texts, list) for texts in batches)
+        texts = [p for p, _ in pairs] + ([c for _, c in pairs] if output_len is None else [])
+        assert sorted(t for batch in batches for t in batch) == sorted(texts)
+
+
 def test_throughput_workloads_follow_the_seed_and_the_context() -> None:
     from nanovllm.benchmarks.throughput import build_workload
 

@@ -81,6 +81,24 @@ def hf_run(path: str, prompt: list[int], max_new_tokens: int, attention: str) ->
     return generated[0, len(prompt):].tolist(), [logprobs[i, prompt[i + 1]].item() for i in range(len(prompt) - 1)]
 
 
+@pytest.mark.parametrize("fp8", sorted(FP8_DTYPES.values(), key=str))
+def test_kv_quantization_matches_torch_casts(fp8: torch.dtype) -> None:
+    """What the torch backend writes to the cache is torch's own cast of K / scale, saturated to the format's
+    range (e5m2's is not e4m3fn's 448), bit for bit; with no scale, of K itself."""
+    from nanovllm.layers.attention.kv_quant import dequantize_kv, quantize_kv
+
+    limit = torch.finfo(fp8).max
+    x = torch.randn(64, 2, 16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16) * 300
+    scale = torch.tensor([0.37])
+    for k_scale, divided in ((scale, x.float() / scale), (None, x.float())):
+        got = quantize_kv(x, k_scale, fp8)
+        assert got.dtype == fp8
+        assert torch.equal(got.view(torch.uint8), divided.clamp(-limit, limit).to(fp8).view(torch.uint8))
+    assert torch.equal(dequantize_kv(quantize_kv(x, scale, fp8), scale, torch.float32),
+                       quantize_kv(x, scale, fp8).float() * scale)
+    assert torch.equal(quantize_kv(x, scale, torch.float32), x.float())  # a cache in the model's dtype: no scale
+
+
 @pytest.mark.parametrize("kv_cache_dtype", sorted(FP8_DTYPES))
 def test_fp8_cache_matches_transformers_with_fp8_rounded_kv(qwen3_dir: str, kv_cache_dtype: str) -> None:
     from transformers import AttentionInterface

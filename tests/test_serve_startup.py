@@ -74,6 +74,26 @@ def test_bad_generation_defaults_name_their_source(tmp_path: Path) -> None:
         parse_overrides("temperature=0.5")
 
 
+def test_the_engine_and_the_server_read_generation_config_json_alike(tmp_path: Path) -> None:
+    """One reader for the engine's end-of-sequence ids and the server's defaults: nothing where there is no file
+    (a checkpoint without one, a GGUF file, a hub id: no download), an error naming a file that does not parse."""
+    from nanovllm.engine.model_files import load_generation_config
+
+    model = write_generation_config(tmp_path / "model", temperature=0.6)
+    assert load_generation_config(str(model)).eos_token_id == 2
+    gguf = model / "tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+    for path in (str(tmp_path), str(gguf), "SomeOrg/some-model"):
+        assert load_generation_config(path) is None
+        assert default_sampling("auto", path, {}) == {}
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "generation_config.json").write_text('{"eos_token_id": 2,')
+    for read in (load_generation_config, lambda path: default_sampling("auto", path, {})):
+        with pytest.raises(ValueError, match=r"cannot read .*broken/generation_config\.json"):
+            read(str(broken))
+
+
 def _serving(defaults: dict) -> OpenAIServing:
     serving = OpenAIServing(SimpleNamespace(tokenizer=None, vocab_size=1000), ["m"])  # type: ignore[arg-type]
     serving.default_sampling = defaults

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
@@ -21,6 +21,8 @@ MIN_TOKENS = 4
 MAX_PROMPT_TOKENS = 1024
 MAX_TOTAL_TOKENS = 2048
 BATCH = 64  # conversations tokenized at once
+# what a counter gives for one text: its token ids, or only their number (None: too long to count)
+Tokens = Sequence[int] | int | None
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class Sample:
     prompt: str
     prompt_len: int
     output_len: int
+    prompt_ids: tuple[int, ...] | None = None  # when the counter gave ids: the prompt need not be tokenized again
 
 
 def load_conversations(path: str | None, seed: int, shuffle: bool = True) -> list[Conversation]:
@@ -67,16 +70,18 @@ def load_conversations(path: str | None, seed: int, shuffle: bool = True) -> lis
     return pairs
 
 
-def sample(conversations: list[Conversation], num: int, count_tokens: Callable[[list[str]], list[int | None]],
+def sample(conversations: list[Conversation], num: int, count_tokens: Callable[[list[str]], Sequence[Tokens]],
            max_model_len: int | None, output_len: int | None, seed: int) -> list[Sample]:
     """``num`` requests: the first qualifying pairs in order, drawn again at random if too few qualify.
-    ``count_tokens`` gives the token counts of a batch of texts (None: too long to count)."""
+    ``count_tokens`` gives, for a batch of texts, each one's token ids (a prompt's are kept with its sample) or only
+    its token count (None: too long to count)."""
     if output_len is not None and output_len < 1:
         raise ValueError(f"the output length for sharegpt must be at least 1, got {output_len}")
     max_total = MAX_TOTAL_TOKENS if max_model_len is None else min(MAX_TOTAL_TOKENS, max_model_len)
     samples: list[Sample] = []
     for batch in _batches(conversations):
-        counts = count_tokens([c.prompt for c in batch] + ([] if output_len else [c.completion for c in batch]))
+        tokens = count_tokens([c.prompt for c in batch] + ([] if output_len else [c.completion for c in batch]))
+        counts = [len(t) if isinstance(t, Sequence) else t for t in tokens]
         for i, conv in enumerate(batch):
             prompt_len = counts[i]
             out = output_len or counts[len(batch) + i]
@@ -85,7 +90,8 @@ def sample(conversations: list[Conversation], num: int, count_tokens: Callable[[
             too_short = prompt_len < MIN_TOKENS or (output_len is None and out < MIN_TOKENS)
             if too_short or prompt_len > MAX_PROMPT_TOKENS or prompt_len + out > max_total:
                 continue
-            samples.append(Sample(conv.prompt, prompt_len, out))
+            ids = tokens[i]
+            samples.append(Sample(conv.prompt, prompt_len, out, tuple(ids) if isinstance(ids, Sequence) else None))
             if len(samples) == num:
                 return samples
     if not samples:

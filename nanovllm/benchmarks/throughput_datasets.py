@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from nanovllm.benchmarks import sharegpt
 from nanovllm.benchmarks.lengths import draw_length
@@ -64,7 +64,15 @@ def sharegpt_workload(path: str | None, num_prompts: int, tokenizer: Any, max_mo
     if tokenizer is None:
         raise ValueError("--dataset-name sharegpt needs a tokenizer: the model's, or --tokenizer DIR")
     conversations = sharegpt.load_conversations(path, seed)
-    encode: Callable[[str], list[int]] = lambda text: tokenizer(text)["input_ids"]  # noqa: E731
-    samples = sharegpt.sample(conversations, num_prompts, lambda texts: [len(encode(t)) for t in texts],
-                              max_model_len, output_len, seed)
-    return Workload([encode(s.prompt) for s in samples], [s.output_len for s in samples])
+
+    def tokenize(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts)["input_ids"]  # a batch at once: the same ids as one text at a time
+
+    samples = sharegpt.sample(conversations, num_prompts, tokenize, max_model_len, output_len, seed)
+    # a list of its own for each request, also where a pair is drawn again
+    return Workload([list(_ids(s)) for s in samples], [s.output_len for s in samples])
+
+
+def _ids(sample: sharegpt.Sample) -> tuple[int, ...]:
+    assert sample.prompt_ids is not None  # tokenize gives ids, not only counts
+    return sample.prompt_ids

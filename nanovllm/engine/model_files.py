@@ -14,6 +14,7 @@ from nanovllm.loader import is_gguf, load_hf_config, resolve_model_path
 logger = logging.getLogger(__name__)
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+_GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 @dataclass(frozen=True)
@@ -67,14 +68,18 @@ def load_tokenizer(config: EngineConfig, model_path: str) -> Any:
 
 
 def load_generation_config(model_path: str) -> Any:
+    """The ``GenerationConfig`` of a local model, or None where it has no ``generation_config.json`` (a GGUF file
+    keeps its end-of-sequence ids in its config and tokenizer). Only the local file is read, never the hub; one that
+    is there but cannot be read is an error naming it, rather than a model that silently loses its eos ids."""
+    path = os.path.join(model_path, _GENERATION_CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
     from transformers import GenerationConfig
 
-    if is_gguf(model_path):
-        return None  # the end-of-sequence ids are in its config and tokenizer
     try:
         return GenerationConfig.from_pretrained(model_path)
-    except OSError:
-        return None
+    except (OSError, ValueError) as exc:  # transformers says invalid JSON with an OSError
+        raise ValueError(f"cannot read {path}: {exc}") from None
 
 
 def eos_token_ids(hf_config: Any, generation_config: Any, tokenizer: Any) -> frozenset[int]:

@@ -67,15 +67,9 @@ def default_sampling(generation_config: str, model_path: str, overrides: dict[st
 def _read(folder: str, required: bool) -> dict[str, Any]:
     """The generation config's values; none when the model has no file (a GGUF file, or a checkpoint without one),
     unless the folder was named on purpose."""
-    path = os.path.join(folder, _FILE)
-    if not os.path.isfile(path):
-        if required:
-            raise ValueError(f"--generation-config: there is no {_FILE} in {folder!r}")
-        return {}
-    from transformers import GenerationConfig
+    from nanovllm.engine.model_files import load_generation_config  # (imports torch: not before the port is bound)
 
-    try:
-        config = GenerationConfig.from_pretrained(folder)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read {path}: {exc}") from None
-    return config.to_diff_dict()
+    config = load_generation_config(folder)
+    if config is None and required:
+        raise ValueError(f"--generation-config: there is no {_FILE} in {folder!r}")
+    return {} if config is None else config.to_diff_dict()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from nanovllm.kernels import is_fp8
+from nanovllm.layers.quantization.fp8_formats import to_fp8
 
 KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 K_SCALE_CONSTANT = 200.0
@@ -27,11 +28,7 @@ def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch
 
 def quantize_kv(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """``x`` in the cache's dtype: for FP8, ``x / scale`` clamped to the format's finite range, then rounded."""
-    if not is_fp8(dtype):
-        return x.to(dtype)
-    limit = torch.finfo(dtype).max
-    scaled = x.float() if scale is None else x.float() / scale
-    return scaled.clamp(-limit, limit).to(dtype)
+    return to_fp8(x, scale, dtype) if is_fp8(dtype) else x.to(dtype)
 
 
 def dequantize_kv(cache: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

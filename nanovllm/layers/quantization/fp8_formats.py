@@ -13,6 +13,7 @@ The weight layouts of the publishers' formats:
 Activations are quantized per token (``[tokens, 1]`` scales), per token and 128-column group (the block format,
 ``[tokens, ceil(in/128)]``) or by one static scale from the checkpoint (``input_scale``). These functions are the
 reference the Triton kernels (``kernels/fp8_quant.py``, ``kernels/fp8_block_gemm.py``) are tested against.
+``to_fp8`` also quantizes the FP8 KV cache (``layers/attention/kv_quant.py``), in its format.
 """
 from __future__ import annotations
 
@@ -24,9 +25,13 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
 AMAX_FLOOR = 1e-12
 
 
-def to_fp8(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``values / scale`` (in float32) saturated to the e4m3fn range and rounded to nearest-even."""
-    return (values.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+def to_fp8(values: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = FP8_DTYPE) -> torch.Tensor:
+    """``values / scale`` (in float32; no scale: the values as they are) saturated to the finite range of ``dtype``
+    (e4m3fn, or the KV cache's e5m2) and rounded to nearest-even."""
+    limit = torch.finfo(dtype).max
+    # by the scale as a tensor: CUDA torch divides by a Python number through its reciprocal (see scale_from_amax)
+    scaled = values.float() if scale is None else values.float() / scale.float()
+    return scaled.clamp(-limit, limit).to(dtype)
 
 
 def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
