@@ -66,10 +66,9 @@ class LLM:
         start, prompt_start, gen_start = time.perf_counter(), stats.num_prompt_tokens, stats.num_generated_tokens
         try:
             while self.engine.has_unfinished():
-                steps_before = stats.num_steps
                 outputs = self.engine.step()
-                if not outputs and stats.num_steps == steps_before and not self.engine.core.in_flight:
-                    self.engine.core.wait_for_grammars(timeout=0.01)  # nothing can run yet: do not spin hot
+                if self.engine.core.is_stalled():
+                    self.engine.core.wait_for_grammars(timeout=0.01)
                 for output in outputs:
                     results[output.request_id] = output
                     bar.update(1)

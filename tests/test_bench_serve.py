@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -21,6 +22,17 @@ MAX_MODEL_LEN = 64
 def server(qwen3_dir: str) -> Iterator[ServerProcess]:
     """A tiny server with a short context, behind an API key."""
     srv = ServerProcess(qwen3_dir, "--max-model-len", str(MAX_MODEL_LEN), "--num-kv-blocks", "128", api_key=API_KEY)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def info_server(qwen3_dir: str) -> Iterator[ServerProcess]:
+    """The same, answering /tokenizer_info (which the API key guards)."""
+    srv = ServerProcess(qwen3_dir, "--max-model-len", str(MAX_MODEL_LEN), "--num-kv-blocks", "128",
+                        "--enable-tokenizer-info-endpoint", api_key=API_KEY)
     try:
         yield srv
     finally:
@@ -68,6 +80,25 @@ def test_exact_token_id_prompts_with_a_tokenizer(server: ServerProcess, qwen3_di
     assert out.returncode == 0, out.stderr
     assert _printed(out.stdout, "Total input tokens") == 4 * 20
     assert _printed(out.stdout, "Total output tokens") == 4 * 5
+
+
+def test_token_id_prompts_from_the_servers_tokenizer_info(info_server: ServerProcess, qwen3_dir: str) -> None:
+    """No --tokenizer: the vocabulary comes from our own server's /tokenizer_info, asked with the API key, so the
+    prompts are token ids of exact length (the server counts what was asked for), none of them special."""
+    from nanovllm.benchmarks.serve_server import ServerError, _tokenizer_info, discover
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_dir)
+    model_vocab = json.loads((Path(qwen3_dir) / "config.json").read_text())["vocab_size"]
+    info = discover(info_server.base_url, API_KEY, None, startup_limit_s())
+    assert info.vocab_size == min(len(tokenizer), model_vocab)
+    assert info.special_ids >= set(tokenizer.all_special_ids)
+    with pytest.raises(ServerError, match="/tokenizer_info answered HTTP 401"):  # the key guards it, as it does /v1
+        _tokenizer_info(info_server.base_url, None, startup_limit_s())
+    out = bench(info_server, "--num-prompts", "4", "--random-input-len", "20", "--random-output-len", "5",
+                "--prompt-format", "ids")
+    assert out.returncode == 0, out.stderr
+    assert f"token ids below {info.vocab_size} (the server's /tokenizer_info)" in out.stderr
+    assert _printed(out.stdout, "Total input tokens") == 4 * 20
 
 
 def test_chat_backend(server: ServerProcess, qwen3_dir: str, tmp_path) -> None:  # noqa: ANN001

@@ -3,14 +3,23 @@ chat template."""
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from transformers import AutoTokenizer
 
+from nanovllm.engine.input_processor import InputProcessor
 from nanovllm.entrypoints.chat_history import MessageTooLong, fit_conversation
 
 CONTEXT = 128
+
+
+def _intake(max_model_len: int = CONTEXT, num_kv_pages: int = 64, block_size: int = 16) -> InputProcessor:
+    """The engine's own intake, whose length check the chat must pass (only the fields that check reads)."""
+    config = SimpleNamespace(hf_config=SimpleNamespace(vocab_size=1000), max_model_len=max_model_len, seed=0,
+                             block_size=block_size)
+    return InputProcessor(config, None, frozenset(), num_kv_pages)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +59,10 @@ def test_fitting_keeps_the_most_turns_that_fit(seed: int, render: Any) -> None:
     history = system + [m for turn in turns for m in turn] + [new]
     expected = _expected(system, turns, new, render, max_tokens)
     if expected is None:
-        with pytest.raises(MessageTooLong):
-            fit_conversation(history, render, CONTEXT, max_tokens)
+        with pytest.raises(MessageTooLong, match="max_model_len"):
+            fit_conversation(history, render, _intake(), max_tokens)
         return
-    fitted = fit_conversation(history, render, CONTEXT, max_tokens)
+    fitted = fit_conversation(history, render, _intake(), max_tokens)
     assert (fitted.dropped_turns, fitted.max_tokens) == expected
     assert fitted.messages[:len(system)] == system  # the system message stays
     assert fitted.messages[len(system):] == history[len(history) - len(fitted.messages) + len(system):]
@@ -68,7 +77,21 @@ def test_a_message_too_long_to_tokenize_counts_as_not_fitting() -> None:
         return [0] * sum(len(m["content"]) for m in messages)
 
     old = [{"role": "user", "content": "x" * 60}, {"role": "assistant", "content": "y"}]
-    fitted = fit_conversation(old + [{"role": "user", "content": "z" * 10}], render, 100, 20)
+    fitted = fit_conversation(old + [{"role": "user", "content": "z" * 10}], render, _intake(100), 20)
     assert (fitted.dropped_turns, fitted.max_tokens, len(fitted.messages)) == (1, 20, 1)
-    with pytest.raises(MessageTooLong, match="too long to tokenize"):
-        fit_conversation([{"role": "user", "content": "z" * 60}], render, 100, 20)
+    with pytest.raises(MessageTooLong, match="longer than max_model_len"):
+        fit_conversation([{"role": "user", "content": "z" * 60}], render, _intake(100), 20)
+
+
+def test_a_kv_pool_smaller_than_max_model_len_is_the_context() -> None:
+    """4 pages of 8 tokens: a request holds 32 tokens at most, though max_model_len is 128."""
+    intake = _intake(num_kv_pages=4, block_size=8)
+
+    def render(messages: list[dict[str, Any]]) -> list[int]:
+        return [0] * sum(len(m["content"]) for m in messages)
+
+    fitted = fit_conversation([{"role": "user", "content": "z" * 20}], render, intake, 40)
+    assert (fitted.max_tokens, fitted.dropped_turns) == (12, 0)
+    intake.check_length(len(fitted.prompt_ids), fitted.max_tokens)  # what the chat sends, the engine takes
+    with pytest.raises(MessageTooLong, match="KV pages"):
+        fit_conversation([{"role": "user", "content": "z" * 32}], render, intake, 40)

@@ -58,6 +58,6 @@ def test_the_route_exists_only_when_enabled(enabled: bool) -> None:
     assert args.enable_tokenizer_info_endpoint is enabled
     app = FastAPI()
     if ServerSettings(served_model_names=["m"], enable_tokenizer_info_endpoint=enabled).enable_tokenizer_info_endpoint:
-        add_tokenizer_info_route(app, None)
+        add_tokenizer_info_route(app, None, 512)
     assert (PATH in {getattr(route, "path", None) for route in app.routes}) is enabled
     assert (PATH in app.openapi()["paths"]) is enabled

@@ -99,11 +99,8 @@ class _CoreLoop:
             self._drain_inbox()
             if self.stopping or not self.core.has_unfinished():
                 continue
-            steps_before = self.core.stats.num_steps
             outputs = self.core.step()
-            no_progress = not outputs and self.core.stats.num_steps == steps_before
-            if no_progress and not self.core.in_flight:
-                # nothing was schedulable or in flight (requests that fit the pool always are); do not spin hot
+            if self.core.is_stalled():
                 self._wait_for_input(timeout=0.01)
                 continue
             self.stats_dirty = True

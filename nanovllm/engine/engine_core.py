@@ -87,6 +87,7 @@ class EngineCore:
         self.in_flight: deque[_InFlight] = deque()
         self._to_accept: list[tuple[Request, int]] = []  # collected tokens of constrained rows, for their matchers
         self._grammar_step: _GrammarStep | None = None
+        self._progressed = True  # whether the last step() collected a step or gave an output
 
     @property
     def num_kv_pages(self) -> int:
@@ -124,7 +125,7 @@ class EngineCore:
         results are read back, so the host's work hides behind the device's; results arrive one call late. With
         micro-batches, up to ``max_in_flight`` steps stay launched; the oldest is collected when a newer one is
         launched, or when nothing new could be scheduled. Constrained rows: see ``_GrammarStep``."""
-        start = time.perf_counter()
+        start, steps_before = time.perf_counter(), self.stats.num_steps
         failed = self._poll_grammars()
         # the named ranges show up in a torch profiler trace (bench throughput --profile)
         with record_function("nanovllm.schedule"):
@@ -171,7 +172,14 @@ class EngineCore:
             except Exception as exc:  # noqa: BLE001 - one request's fault
                 self.scheduler.fail_request(request, exc)
                 outputs.append(EngineCoreOutput(request.request_id, [], "error", f"{type(exc).__name__}: {exc}"))
+        self._progressed = bool(outputs) or self.stats.num_steps != steps_before
         return outputs
+
+    def is_stalled(self) -> bool:
+        """Whether stepping again at once would only spin: the last step() made no progress and no step is in
+        flight. Requests that fit the pool are always schedulable, so the ones left wait on something else (e.g. a
+        grammar compile); a caller stepping in a loop should block on what it waits for instead."""
+        return not self._progressed and not self.in_flight
 
     def _launch(self, sched: SchedulerOutput, host: HostBatch) -> _InFlight:
         launched = _InFlight(sched, None)  # type: ignore[arg-type]

@@ -151,6 +151,27 @@ class InputProcessor:
         tokenized.bad_words_token_ids = sequences
         return tokenized
 
+    @property
+    def max_request_tokens(self) -> int:
+        """The most tokens one request may hold, its prompt and max_tokens together: max_model_len, and no more than
+        the whole KV pool (a request that needs more pages than there are would wait for room for ever)."""
+        return min(self.max_model_len, self.num_kv_pages * self.config.block_size)
+
+    def check_length(self, num_prompt: int, max_tokens: int) -> None:
+        """A ``ValueError`` naming the limit when a prompt of ``num_prompt`` tokens and ``max_tokens`` more exceed
+        ``max_request_tokens``."""
+        if num_prompt + max_tokens <= self.max_request_tokens:
+            return
+        if num_prompt + max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) must be at most "
+                             f"max_model_len ({self.max_model_len})")
+        block_size = self.config.block_size
+        raise ValueError(
+            f"the prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) needs "
+            f"{-(-(num_prompt + max_tokens) // block_size)} KV pages, but the whole pool has {self.num_kv_pages} "
+            f"({self.num_kv_pages * block_size} tokens)"
+        )
+
     def _check(self, prompt_ids: list[int], params: SamplingParams) -> int:
         """Everything about the request that depends on the model and the pool; returns its resolved max_tokens."""
         num_prompt = len(prompt_ids)
@@ -163,11 +184,7 @@ class InputProcessor:
             raise ValueError(f"prompt ({num_prompt} tokens) leaves no room to generate within max_model_len "
                              f"({self.max_model_len})")
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - num_prompt
-        if num_prompt + max_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) must be at most "
-                f"max_model_len ({self.max_model_len})"
-            )
+        self.check_length(num_prompt, max_tokens)
         bad_stop = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad_stop:
             raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size}), got {bad_stop}")
@@ -186,11 +203,4 @@ class InputProcessor:
             if self.tokenizer is None:
                 raise ValueError("structured_outputs need a tokenizer, and this model has none")
             validate_structured_outputs(params.structured_outputs, self.config.structured_outputs_backend)
-        block_size = self.config.block_size
-        needed = -(-(num_prompt + max_tokens) // block_size)
-        if needed > self.num_kv_pages:  # it would wait for room for ever
-            raise ValueError(
-                f"the prompt ({num_prompt} tokens) plus max_tokens ({max_tokens}) needs {needed} KV pages, but the "
-                f"whole pool has {self.num_kv_pages} ({self.num_kv_pages * block_size} tokens)"
-            )
         return max_tokens

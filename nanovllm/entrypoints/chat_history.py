@@ -9,13 +9,23 @@ capped to the room there is. Only a newest message that leaves no room at all ca
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 Message = dict[str, Any]
 
 
 class MessageTooLong(ValueError):
     """The newest message (with the system message) leaves no room for a reply."""
+
+
+class LengthLimit(Protocol):
+    """What the engine's intake admits (``InputProcessor``): a prompt plus max_tokens of at most
+    ``max_request_tokens``, or a ``ValueError`` from ``check_length`` naming the limit."""
+
+    @property
+    def max_request_tokens(self) -> int: ...
+
+    def check_length(self, num_prompt: int, max_tokens: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -27,10 +37,10 @@ class FittedChat:
 
 
 def fit_conversation(
-    messages: list[Message], render: Callable[[list[Message]], list[int]], context_tokens: int, max_tokens: int,
+    messages: list[Message], render: Callable[[list[Message]], list[int]], limit: LengthLimit, max_tokens: int,
 ) -> FittedChat:
     """Drop the oldest turns of ``messages`` (whose last one is the new user message) until the rendered prompt
-    plus ``max_tokens`` fits ``context_tokens``, then cap ``max_tokens`` to the room left.
+    plus ``max_tokens`` passes ``limit``, then cap ``max_tokens`` to the room left.
 
     ``render`` turns messages into prompt token ids; a ``ValueError`` from it (a text too long to tokenize within
     the context) counts as not fitting."""
@@ -42,20 +52,26 @@ def fit_conversation(
     while True:
         kept = head + body
         try:
-            ids = render(kept)
-        except ValueError:
-            ids = None
-        if ids is not None and len(ids) + max_tokens <= context_tokens:
+            ids: list[int] | None = render(kept)
+        except ValueError as exc:
+            ids, refusal = None, exc
+        if ids is not None and (refusal := _refusal(limit, len(ids), max_tokens)) is None:
             return FittedChat(kept, ids, max_tokens, dropped)
         if len(body) > 1:  # an older turn is left: drop it (the user message and the replies after it)
             body = _without_oldest_turn(body)
             dropped += 1
             continue
-        if ids is not None and len(ids) < context_tokens:
-            return FittedChat(kept, ids, context_tokens - len(ids), dropped)
-        size = "too long to tokenize" if ids is None else f"{len(ids)} tokens"
-        raise MessageTooLong(f"this message ({size}, with the system prompt) leaves no room for a reply in a "
-                             f"context of {context_tokens} tokens")
+        if ids is not None and (refusal := _refusal(limit, len(ids), 1)) is None:
+            return FittedChat(kept, ids, limit.max_request_tokens - len(ids), dropped)
+        raise MessageTooLong(f"this message (with the system prompt) leaves no room for a reply: {refusal}")
+
+
+def _refusal(limit: LengthLimit, num_prompt: int, max_tokens: int) -> ValueError | None:
+    try:
+        limit.check_length(num_prompt, max_tokens)
+    except ValueError as exc:
+        return exc
+    return None
 
 
 def _without_oldest_turn(body: list[Message]) -> list[Message]:

@@ -163,8 +163,7 @@ def _run_chat(args: argparse.Namespace) -> None:
         if engine.tokenizer is None or not getattr(engine.tokenizer, "chat_template", None):
             raise ValueError("this model has no chat template; pass one with --chat-template")
         intake = engine.input_processor
-        # the engine takes a prompt + max_tokens up to max_model_len and within the whole KV pool
-        context = min(intake.max_model_len, intake.num_kv_pages * engine.config.block_size)
+        context = intake.max_request_tokens
         system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
         history = list(system)
         reply_parts: list[str] = []
@@ -193,7 +192,7 @@ def _run_chat(args: argparse.Namespace) -> None:
                 continue
             try:
                 fitted = fit_conversation(history + [{"role": "user", "content": line}], intake.render_chat,
-                                          context, params.max_tokens)
+                                          intake, params.max_tokens)
             except MessageTooLong as exc:
                 logger.warning("not sent: %s", exc)
                 continue

@@ -227,7 +227,7 @@ def build_app(engine: AsyncLLM, settings: ServerSettings) -> FastAPI:
                                                                                  request.tokens)))
 
     if settings.enable_tokenizer_info_endpoint:
-        add_tokenizer_info_route(app, engine.tokenizer)
+        add_tokenizer_info_route(app, engine.tokenizer, engine.vocab_size)
     return app
 
 

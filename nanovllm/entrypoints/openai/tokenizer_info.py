@@ -5,7 +5,9 @@ would otherwise fetch from the hub, so that a client (lm-evaluation-harness's ``
 The body is the tokenizer's init arguments (special tokens as their text, ``model_max_length``, ...) without the
 paths of its vocabulary files, with the special tokens and the chat template the server uses (should they have
 changed since), plus ``tokenizer_class``. lm-eval reads ``eos_token``, ``bos_token``, ``pad_token`` and
-``chat_template`` from it, and asks ``/tokenize`` and ``/detokenize`` for the rest.
+``chat_template`` from it, and asks ``/tokenize`` and ``/detokenize`` for the rest. Beyond vLLM's body, ``vocab_size``:
+the ids below it are tokens of the tokenizer that the model takes, so that ``nanovllm bench serve`` can send random
+token-id prompts of exact lengths with no local tokenizer (vLLM's body has no size of the vocabulary).
 
 Like vLLM, the server serves it only when started with ``--enable-tokenizer-info-endpoint`` (it shows the chat
 template and tokenizer settings), and, when the server has an API key, only to requests that bear it (the
@@ -59,9 +61,9 @@ def _json_value(value: Any) -> Any:
     return str(value)
 
 
-def add_tokenizer_info_route(app: FastAPI, tokenizer: Any) -> None:
+def add_tokenizer_info_route(app: FastAPI, tokenizer: Any, model_vocab_size: int) -> None:
     """Serve ``GET /tokenizer_info`` from ``app`` (when the endpoint is enabled; the server's gate checks the API
-    key)."""
+    key). ``model_vocab_size``: the token ids the model takes (the tokenizer may know more, or fewer)."""
     body: bytes | None = None
 
     @app.get(PATH, response_model=TokenizerInfoResponse, responses={
@@ -72,5 +74,6 @@ def add_tokenizer_info_route(app: FastAPI, tokenizer: Any) -> None:
         if tokenizer is None:
             raise APIError(400, "this model has no tokenizer")
         if body is None:  # the tokenizer does not change while the server runs
-            body = TokenizerInfoResponse(**tokenizer_config(tokenizer)).model_dump_json().encode()
+            info = tokenizer_config(tokenizer) | {"vocab_size": min(len(tokenizer), model_vocab_size)}
+            body = TokenizerInfoResponse(**info).model_dump_json().encode()
         return Response(body, media_type="application/json")
