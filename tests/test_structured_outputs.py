@@ -10,8 +10,10 @@ import re
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.layers.sampler import apply_token_bitmask
 from nanovllm.sampling_params import StructuredOutputsParams
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -145,5 +147,27 @@ def test_a_stop_token_beyond_the_tokenizer_still_gives_a_grammar(qwen3_dir: str,
     for token in tokenizer.encode("no", add_special_tokens=False):
         mask = manager.bitmask([state.matcher])
         assert mask[0, token // 32] >> (token % 32) & 1
+        # as the sampler reads it, over the model's whole head: nothing past the tokenizer is ever allowed
+        logits = apply_token_bitmask(torch.zeros(1, vocab), torch.tensor([0]), torch.from_numpy(mask))
+        allowed = torch.isfinite(logits[0]).nonzero().flatten().tolist()
+        assert token in allowed and max(allowed) < len(tokenizer)
         assert manager.accept([state.matcher], [token]) == [True]
     assert state.matcher.is_terminated()
+
+
+@pytest.mark.parametrize("words", [4, 2, 1])  # the whole vocabulary (100 ids), and bitmasks that end before it
+def test_the_bitmask_blocks_what_it_does_not_allow(words: int) -> None:
+    generator = torch.Generator().manual_seed(words)
+    logits = torch.randn(4, 100, generator=generator)
+    rows = torch.tensor([1, 3])
+    bitmask = torch.randint(-2**31, 2**31 - 1, (2, words), dtype=torch.int32, generator=generator)
+    out = apply_token_bitmask(logits, rows, bitmask)
+    for row in range(4):
+        for token in range(100):
+            if row in (1, 3):
+                word = token // 32
+                bits = bitmask[(1, 3).index(row)]
+                allowed = word < words and (int(bits[word]) >> (token % 32)) & 1
+            else:
+                allowed = True
+            assert out[row, token] == (logits[row, token] if allowed else float("-inf")), (row, token)

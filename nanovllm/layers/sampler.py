@@ -184,12 +184,15 @@ def _apply_logit_controls(logits: torch.Tensor, batch: SamplingBatch) -> torch.T
 
 def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """``-inf`` for the tokens a row's grammar does not allow (a new tensor: the logits may be a graph's output).
-    Bit ``t % 32`` of ``bitmask[i, t // 32]`` set means row ``rows[i]`` may sample token ``t``."""
+    Bit ``t % 32`` of ``bitmask[i, t // 32]`` set means row ``rows[i]`` may sample token ``t``; a bitmask narrower
+    than the vocabulary (a grammar over the tokenizer's ids, a head padded past them) allows none of the rest."""
     vocab = logits.shape[-1]
     shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab]
     blocked = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
-    blocked[rows] = ~allowed
+    blocked_rows = torch.ones(allowed.shape[0], vocab, dtype=torch.bool, device=logits.device)
+    blocked_rows[:, : allowed.shape[1]] = ~allowed
+    blocked[rows] = blocked_rows
     return logits.masked_fill(blocked, float("-inf"))
 
 
