@@ -213,3 +213,15 @@ def test_throughput_workloads_follow_the_seed_and_the_context() -> None:
         workload("--dataset-name", "random", "--input-len", "100", max_model_len=40)
     with pytest.raises(ValueError, match="--max-model-len 1024"):
         workload(max_model_len=1024, small=False)
+
+
+@pytest.mark.parametrize("backend", ["xgrammar", "llguidance"])
+def test_grammar_step_bench_drives_matchers_to_their_end(qwen3_dir: str, backend: str) -> None:
+    """Every token it feeds comes from the row's own bitmask (over a head padded past the tokenizer), so a matcher
+    refusing one (a RuntimeError) would be a bitmask bug."""
+    pytest.importorskip(backend)
+    from nanovllm.benchmarks import grammar_step
+
+    result = grammar_step.main(["--tokenizer", qwen3_dir, "--vocab-size", "512", "--rows", "4", "--steps", "400",
+                                "--backend", backend])
+    assert result["tokens"] >= result["steps"] > 0
