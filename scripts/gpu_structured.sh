@@ -8,7 +8,6 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/nanovllm-gpu}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
-git rev-parse --short HEAD 2>/dev/null
 run() {  # label, structured fraction
   timeout "${BENCH_TIMEOUT:-150}" python -m nanovllm.benchmarks.throughput --disable-tqdm --max-model-len 4096 \
     --tokenizer "${TOKENIZER:?set TOKENIZER}" --structured-fraction "$2" --output-json "$OUT/$1.json" \
