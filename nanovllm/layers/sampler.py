@@ -189,10 +189,10 @@ def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch
     vocab = logits.shape[-1]
     shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab]
+    width = allowed.shape[1]
     blocked = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
-    blocked_rows = torch.ones(allowed.shape[0], vocab, dtype=torch.bool, device=logits.device)
-    blocked_rows[:, : allowed.shape[1]] = ~allowed
-    blocked[rows] = blocked_rows
+    blocked[rows, :width] = ~allowed
+    blocked[rows, width:] = True
     return logits.masked_fill(blocked, float("-inf"))
 
 
