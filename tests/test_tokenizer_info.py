@@ -48,6 +48,18 @@ def test_values_that_are_not_json_become_json() -> None:
                     "chat_template": "the template in use", "unk_token": "<unk>", "tokenizer_class": "SimpleNamespace"}
 
 
+def test_added_tokens_come_from_the_tokenizer_not_only_its_init_arguments() -> None:
+    """A tokenizer built from a GGUF file (not read back from a saved config) may lack the table in its init
+    arguments; the body still lists the special tokens, each under its id."""
+    class Added:  # as transformers' AddedToken
+        def __init__(self, content: str) -> None:
+            self.content = content
+
+    tok = SimpleNamespace(init_kwargs={"eos_token": "<e>"}, special_tokens_map={"eos_token": "<e>"},
+                          added_tokens_decoder={0: Added("<e>"), 7: Added("<tool>")})
+    assert tokenizer_config(tok)["added_tokens_decoder"] == {"0": "<e>", "7": "<tool>"}
+
+
 @pytest.mark.parametrize("enabled", [False, True])
 def test_the_route_exists_only_when_enabled(enabled: bool) -> None:
     """The flag reaches the settings, and the route (and its OpenAPI entry) exists only when added; a live server

@@ -40,6 +40,9 @@ def tokenizer_config(tokenizer: Any) -> dict[str, Any]:
     config = {key: value for key, value in (getattr(tokenizer, "init_kwargs", None) or {}).items()
               if key not in _FILE_KEYS}
     config.update(getattr(tokenizer, "special_tokens_map", None) or {})  # the special tokens in use
+    added = getattr(tokenizer, "added_tokens_decoder", None)
+    if added:  # the tokenizer's own table: its init arguments hold it only when it was read from a saved config
+        config["added_tokens_decoder"] = added
     config = _json_value(config)
     config["tokenizer_class"] = type(tokenizer).__name__
     if getattr(tokenizer, "chat_template", None):  # the template in use, should the server have replaced it
