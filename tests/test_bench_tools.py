@@ -225,3 +225,18 @@ def test_grammar_step_bench_drives_matchers_to_their_end(qwen3_dir: str, backend
     result = grammar_step.main(["--tokenizer", qwen3_dir, "--vocab-size", "512", "--rows", "4", "--steps", "400",
                                 "--backend", backend])
     assert result["tokens"] >= result["steps"] > 0
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_engine_host_bench_runs_the_whole_workload(overlap: bool) -> None:
+    """The stub executor's steps go through the real scheduler and processors: every output token of the workload
+    is generated, and the decode steps are timed by batch size."""
+    from nanovllm.benchmarks import engine_host
+    from nanovllm.benchmarks.throughput_datasets import nano_vllm_workload
+
+    result = engine_host.main(["--num-prompts", "24"] + ([] if overlap else ["--no-overlap"]))
+    assert result["generated_tokens"] == result["expected_tokens"] > 24 * 100
+    steps = result["steps"]
+    longest = max(nano_vllm_workload(24, (100, 1024), (100, 1024)).max_tokens)
+    assert steps["all steps"]["steps"] >= longest  # a step per output token of the longest (its prefill gives one)
+    assert sum(row["steps"] for name, row in steps.items() if name.startswith("decode")) > 0
