@@ -236,7 +236,20 @@ def test_engine_host_bench_runs_the_whole_workload(overlap: bool) -> None:
 
     result = engine_host.main(["--num-prompts", "24"] + ([] if overlap else ["--no-overlap"]))
     assert result["generated_tokens"] == result["expected_tokens"] > 24 * 100
+    assert result["finish_reasons"] == {"length": 24}
     steps = result["steps"]
     longest = max(nano_vllm_workload(24, (100, 1024), (100, 1024)).max_tokens)
     assert steps["all steps"]["steps"] >= longest  # a step per output token of the longest (its prefill gives one)
     assert sum(row["steps"] for name, row in steps.items() if name.startswith("decode")) > 0
+
+
+def test_engine_host_bench_samples_constrained_rows_from_their_bitmask(qwen3_dir: str) -> None:
+    """Half the requests follow the JSON schema; the stub draws their tokens from the grammar's bitmask, so every
+    one ends by its grammar or its length and none fails (a token its matcher refused would end it in an error)."""
+    pytest.importorskip("xgrammar")
+    from nanovllm.benchmarks import engine_host
+
+    result = engine_host.main(["--num-prompts", "8", "--structured-fraction", "0.5", "--tokenizer", qwen3_dir])
+    reasons = result["finish_reasons"]
+    assert sum(reasons.values()) == 8 and set(reasons) <= {"length", "stop"} and reasons.get("stop", 0) >= 1
+    assert 0 < result["generated_tokens"] < result["expected_tokens"]

@@ -2,7 +2,7 @@
 step was being scheduled, and by ``fail_request``) must not leave KV that was never computed in the prefix cache.
 
 Scenario in the engine: with overlap, a constrained request is preempted while its last token is still being
-accepted by its matcher on the grammar thread; it is re-admitted in the next schedule (a recompute chunk), then the
+accepted by its matcher in a grammar step whose results are not yet applied; it is re-admitted in the next schedule (a recompute chunk), then the
 grammar step reports its grammar complete, so its chunk is taken out of the unlaunched step and the request ends.
 Its pages are freed into the prefix cache up to ``num_computed_tokens``, which still counted the removed chunk."""
 from __future__ import annotations

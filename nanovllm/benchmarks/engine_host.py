@@ -8,6 +8,12 @@ runner's host work (copies, graph launches) is not in it.
 
     python -m nanovllm.benchmarks.engine_host                # 256 requests, 100-1024 tokens in and out
     python -m nanovllm.benchmarks.engine_host --profile 30   # and the 30 costliest functions (cProfile)
+    python -m nanovllm.benchmarks.engine_host --structured-fraction 0.5 --tokenizer DIR
+
+With ``--structured-fraction`` every ``1 / F``-th request follows bench throughput's JSON schema, and the stub
+samples those rows from their grammar's bitmask as the GPU executor does (after the launch, once the bitmask is
+made), so the grammar work lands on the step loop as on a GPU. The stub's own time (drawing the tokens, which
+stands for the device's) is not counted.
 
 Prints the mean host time per step of the core (``EngineCore.step``) and of the output processor, for all steps
 and for the decode steps by batch size.
@@ -24,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from nanovllm.benchmarks.throughput import constrain
 from nanovllm.benchmarks.throughput_datasets import nano_vllm_workload
 from nanovllm.config import EngineConfig
 from nanovllm.engine.engine_core import EngineCore
@@ -37,30 +44,50 @@ _BUCKETS = ((1, 64), (65, 128), (129, 256), (257, 1 << 30))
 
 
 class StubExecutor:
-    """An ``Executor`` whose steps finish at once with random tokens."""
+    """An ``Executor`` whose steps finish at once with random tokens; a constrained row's token is one its
+    bitmask allows. Like the GPU executor it takes a constrained step's bitmask after the launch (``sample``)."""
 
     device_type = "cpu"
     num_micro_batches = 1
-    samples_later = False
+    samples_later = True
 
     def __init__(self, num_kv_blocks: int, vocab_size: int) -> None:
         self.num_kv_blocks = num_kv_blocks
         self.rng = np.random.default_rng(0)
         self.vocab_size = vocab_size
+        self.stub_time = 0.0  # spent here since the engine last asked: it stands for the device, so it is waiting
+        self.total_stub_time = 0.0
 
     def launch(self, batch: HostBatch) -> LaunchedStep:
+        start = time.perf_counter()
         step = LaunchedStep.for_batch(batch)
         step.token_ids = self.rng.integers(0, self.vocab_size, batch.num_sampled)
+        if batch.sampling is not None and batch.sampling.grammar_rows is not None:
+            step.unsampled = (None, batch.sampling.grammar_rows)
+        self._spent(start)
         return step
 
     def sample(self, step: LaunchedStep, grammar_bitmask: np.ndarray) -> None:
-        raise NotImplementedError("the stub samples at launch")
+        start = time.perf_counter()
+        (_, rows), step.unsampled = step.unsampled, None
+        for row, mask in zip(rows, grammar_bitmask):
+            words = np.flatnonzero(mask)  # a random allowed token: a random non-empty word, a random bit of it
+            word = int(words[self.rng.integers(len(words))])
+            bits = [b for b in range(32) if (int(mask[word]) >> b) & 1]
+            step.token_ids[row] = 32 * word + bits[self.rng.integers(len(bits))]
+        self._spent(start)
+
+    def _spent(self, start: float) -> None:
+        spent = time.perf_counter() - start
+        self.stub_time += spent
+        self.total_stub_time += spent
 
     def collect(self, step: LaunchedStep) -> ModelOutput:
         return ModelOutput(token_ids=step.token_ids.tolist())
 
     def take_wait_time(self) -> float:
-        return 0.0
+        wait, self.stub_time = self.stub_time, 0.0
+        return wait
 
     def model_info(self) -> dict[str, Any]:
         return {}
@@ -75,6 +102,7 @@ class _Timings:
     output_ms: list[float] = field(default_factory=list)
     batch: list[int] = field(default_factory=list)  # requests in the step (decode steps only, else 0)
     num_generated: int = 0
+    finish_reasons: dict[str, int] = field(default_factory=dict)
     num_expected: int = 0  # the workload's output tokens
 
 
@@ -86,12 +114,21 @@ def run(args: argparse.Namespace) -> _Timings:
     config.finalize(SimpleNamespace(vocab_size=vocab_size, max_position_embeddings=args.max_model_len))
     workload = nano_vllm_workload(args.num_prompts, (100, 1024), (100, 1024), seed=args.seed)
     pages = sum(-(-(len(p) + n) // config.block_size) for p, n in zip(workload.prompts, workload.max_tokens))
-    core = EngineCore(config, StubExecutor(pages + args.num_prompts, vocab_size))
-    inputs = InputProcessor(config, None, frozenset(), core.num_kv_pages)
+    tokenizer = None
+    if args.structured_fraction > 0:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    executor = StubExecutor(pages + args.num_prompts, vocab_size)
+    core = EngineCore(config, executor, load_tokenizer=lambda: tokenizer)
+    inputs = InputProcessor(config, tokenizer, frozenset(), core.num_kv_pages)
     outputs = OutputProcessor(None)
-    for i, (prompt, max_tokens) in enumerate(zip(workload.prompts, workload.max_tokens)):
-        params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=max_tokens)
-        request = inputs.process(str(i), prompt, params)
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in workload.max_tokens]
+    constrain(params, args.structured_fraction)
+    if args.structured_fraction > 0:
+        _wait_for_grammar(core, params)
+    for i, (prompt, request_params) in enumerate(zip(workload.prompts, params)):
+        request = inputs.process(str(i), prompt, request_params)
         outputs.add_request(request, stream=False)
         for spec in request.engine_requests:
             core.add_request(spec)
@@ -102,11 +139,15 @@ def run(args: argparse.Namespace) -> _Timings:
     while core.has_unfinished():
         running = core.scheduler.num_running
         decoding = all(r.num_computed_tokens >= r.num_prompt_tokens for r in core.scheduler.running)
-        start = time.perf_counter()
+        start, stub_before = time.perf_counter(), executor.total_stub_time
         step_outputs = core.step()
         stepped = time.perf_counter()
-        outputs.process(step_outputs)
-        timings.core_ms.append(1e3 * (stepped - start))
+        for output in outputs.process(step_outputs).outputs:
+            for completion in output.outputs:
+                if completion.finish_reason is not None:
+                    reasons = timings.finish_reasons
+                    reasons[completion.finish_reason] = reasons.get(completion.finish_reason, 0) + 1
+        timings.core_ms.append(1e3 * (stepped - start - (executor.total_stub_time - stub_before)))
         timings.output_ms.append(1e3 * (time.perf_counter() - stepped))
         timings.batch.append(running if decoding and not core.scheduler.num_waiting else 0)
     timings.num_generated, timings.num_expected = core.stats.num_generated_tokens, sum(workload.max_tokens)
@@ -114,6 +155,15 @@ def run(args: argparse.Namespace) -> _Timings:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
     return timings
+
+
+def _wait_for_grammar(core: EngineCore, params: list[SamplingParams]) -> None:
+    """Compile the schema before the timed run (the compile is cached per schema), as bench throughput's warm-up
+    does."""
+    spec = next(p.structured_outputs for p in params if p.structured_outputs is not None)
+    state = core.structured.start(spec, frozenset())
+    state.compiled.exception(timeout=300)
+    core.structured.poll(state)
 
 
 def summarise(timings: _Timings) -> dict[str, Any]:
@@ -124,7 +174,8 @@ def summarise(timings: _Timings) -> dict[str, Any]:
     steps = {name: {"steps": int(mask.sum()), "core_ms": float(core[mask].mean()),
                     "output_ms": float(output[mask].mean())}
              for name, mask in groups.items() if mask.any()}
-    return {"steps": steps, "generated_tokens": timings.num_generated, "expected_tokens": timings.num_expected}
+    return {"steps": steps, "generated_tokens": timings.num_generated, "expected_tokens": timings.num_expected,
+            "finish_reasons": timings.finish_reasons}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -136,10 +187,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--no-overlap", action="store_true", help="schedule as on a CPU (default: as on CUDA)")
+    parser.add_argument("--structured-fraction", type=float, default=0.0,
+                        help="share of the requests under bench throughput's JSON schema (needs --tokenizer)")
+    parser.add_argument("--tokenizer", default=None, help="a tokenizer directory, for --structured-fraction")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print the N functions with the most time of their own")
-    summary = summarise(run(parser.parse_args(argv)))
-    print(f"generated {summary['generated_tokens']} of the workload's {summary['expected_tokens']} output tokens")
+    args = parser.parse_args(argv)
+    if args.structured_fraction > 0 and not args.tokenizer:
+        parser.error("--structured-fraction needs --tokenizer")
+    summary = summarise(run(args))
+    print(f"generated {summary['generated_tokens']} of the workload's {summary['expected_tokens']} output tokens; "
+          f"requests ended by {summary['finish_reasons']}")
     for name, row in summary["steps"].items():
         print(f"{name:<16} {row['steps']:>6} steps  core {row['core_ms']:6.3f} ms  output {row['output_ms']:6.3f} ms")
     return summary

@@ -53,7 +53,7 @@ BENCH_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["r
                                                "kind": {"enum": ["alpha", "beta", "gamma"]}}}}}}
 
 
-def _constrain(params: list[SamplingParams], fraction: float) -> None:
+def constrain(params: list[SamplingParams], fraction: float) -> None:
     """Every ``1 / fraction``-th request follows ``BENCH_SCHEMA`` (the others are unchanged)."""
     if fraction <= 0:
         return
@@ -173,11 +173,11 @@ def main(args: argparse.Namespace) -> dict:
     num_prompts = len(workload.prompts)
     params = [SamplingParams(temperature=args.temperature, ignore_eos=True, max_tokens=n, n=args.n)
               for n in workload.max_tokens]
-    _constrain(params, args.structured_fraction)
+    constrain(params, args.structured_fraction)
 
     logger.info("warming up, then %d requests (%s workload)", num_prompts, args.dataset_name)
     warm_up = SamplingParams(max_tokens=16)
-    _constrain([warm_up], args.structured_fraction)  # (the tokenizer's grammar tables and the schema, built once)
+    constrain([warm_up], args.structured_fraction)  # (the tokenizer's grammar tables and the schema, built once)
     llm.generate([[1, 2, 3, 4]], warm_up, use_tqdm=False)
     stats_before = llm.stats()
     recorder, jit, collections = StepRecorder(llm.engine.core), JitWatch(), GcWatch()

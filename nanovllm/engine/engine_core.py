@@ -47,9 +47,9 @@ class _InFlight:
 
 @dataclass
 class _GrammarStep:
-    """Matcher work running on the structured-output thread while the host schedules and builds the next step:
-    the matchers take the last collected tokens, then the bitmask of ``launched`` (a step launched without it) is
-    made. Joined before anything new is queued on the device, and before ``launched`` is collected."""
+    """Matcher work done after a collect: the matchers take the collected tokens, then the bitmask of ``launched``
+    (a step launched without it) is made. Its results are applied (``_finish_grammar_step``: ``launched`` sampled,
+    ended requests taken out) before anything new is queued on the device, and before ``launched`` is collected."""
 
     result: futures.Future  # (accepted flags, bitmask or None)
     sampled: list[tuple[Request, int]]  # the constrained rows' tokens being accepted
@@ -212,7 +212,7 @@ class EngineCore:
         return updates
 
     def _start_grammar_step(self, launched: _InFlight | None) -> None:
-        """The matchers take the collected tokens, then ``launched``'s bitmask is made, on the step thread."""
+        """The matchers take the collected tokens, then ``launched``'s bitmask is made."""
         if self._grammar_step is not None:
             raise RuntimeError("a grammar step is still running")
         sampled, self._to_accept = self._to_accept, []

@@ -62,10 +62,6 @@ class StructuredOutputManager:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
         2, thread_name_prefix="nanovllm-grammar"), init=False)
-    # a step's matcher work, one batch at a time: the backends' batch calls release the GIL, so it runs while the
-    # engine's thread schedules and builds the next step
-    _step_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
-        1, thread_name_prefix="nanovllm-grammar-step"), init=False)
 
     def start(self, spec: StructuredOutputsParams, eos_token_ids: frozenset[int]) -> GrammarState:
         """Begin compiling ``spec`` (or reuse it): the request waits until ``poll`` gives it its matcher."""
@@ -112,14 +108,21 @@ class StructuredOutputManager:
         return self._backend.accept_tokens(matchers, tokens) if matchers else []
 
     def advance_then_fill(self, matchers: list[Any], tokens: list[int], to_fill: list[Any] | None) -> Future:
-        """On the step thread: ``accept(matchers, tokens)``, then (unless ``to_fill`` is None) the ``bitmask`` of
-        ``to_fill``. A future of (accepted flags, bitmask or None)."""
-        def work() -> tuple[list[bool], np.ndarray | None]:
-            accepted = self.accept(matchers, tokens)
-            return accepted, None if to_fill is None else self.bitmask(to_fill)
+        """``accept(matchers, tokens)``, then (unless ``to_fill`` is None) the ``bitmask`` of ``to_fill``, done now
+        on the caller's thread: a completed future of (accepted flags, bitmask or None), raising any error where it
+        is read.
 
-        return self._step_pool.submit(work)
+        Not on a thread of its own: the backends release the GIL in every call, and a thread taking it back waits
+        up to the interpreter's switch interval (5 ms) while the step loop runs Python. On a second thread this
+        work (a few hundred microseconds) finished only once the loop blocked on it, and a step took longer than
+        with the work done here (``python -m nanovllm.benchmarks.engine_host --structured-fraction 0.5``)."""
+        result: Future = Future()
+        try:
+            accepted = self.accept(matchers, tokens)
+            result.set_result((accepted, None if to_fill is None else self.bitmask(to_fill)))
+        except Exception as exc:  # noqa: BLE001 - raised where the engine reads the result
+            result.set_exception(exc)
+        return result
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._step_pool.shutdown(wait=False, cancel_futures=True)
