@@ -2,7 +2,7 @@
 # One device-machine call for FP8 weights: the FP8 kernel and engine GPU tests, the per-shape GEMM timings, then
 # Llama-3.1-8B's shape (dummy weights) in bf16 and with FP8 weights and KV cache: the nano-vllm workload, and one
 # request of 512 prompt tokens and 512 output tokens (single-request decode latency).
-# SKIP_TESTS=1 / SKIP_GEMM=1 / SKIP_THROUGHPUT=1 / SKIP_LATENCY=1 leave a part out; KV_DECODE_ARGS, when set, runs the
+# SKIP_TESTS=1 / SKIP_GEMM=1 / SKIP_THROUGHPUT=1 / SKIP_LATENCY=1 leave a part out, TESTS replaces the test list; KV_DECODE_ARGS, when set, runs the
 # FP8 decode kernel's sweep (benchmarks/kv_decode.py) with those flags first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,8 +12,10 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 [ -n "${KV_DECODE_ARGS:-}" ] && { timeout "${KV_DECODE_TIMEOUT:-150}" python -m nanovllm.benchmarks.kv_decode \
   $KV_DECODE_ARGS > "$OUT/kv_decode.log" 2>&1; echo "kv_decode exit $?"; cat "$OUT/kv_decode.log"; }
-[ -z "${SKIP_TESTS:-}" ] && { timeout "${TEST_TIMEOUT:-300}" python -m pytest -q -p no:cacheprovider \
-  tests/gpu/test_fp8_gemm.py tests/gpu/test_fused_moe.py tests/gpu/test_fp8_engine_gpu.py > "$OUT/fp8_tests.log" 2>&1;
+# SIGINT at the time limit: pytest then still prints the failures it met
+[ -z "${SKIP_TESTS:-}" ] && { timeout -s INT -k 20 "${TEST_TIMEOUT:-300}" python -m pytest -q -rfE -p no:cacheprovider \
+  ${TESTS:-tests/gpu/test_fp8_gemm.py tests/gpu/test_fused_moe.py tests/gpu/test_fp8_engine_gpu.py} \
+  > "$OUT/fp8_tests.log" 2>&1;
   echo "tests exit $?"; tail -30 "$OUT/fp8_tests.log"; }
 [ -z "${SKIP_GEMM:-}" ] && { timeout "${GEMM_TIMEOUT:-240}" python -m nanovllm.benchmarks.fp8_gemm \
   --output-json "$OUT/fp8_gemm.json" ${GEMM_ARGS:-} > "$OUT/fp8_gemm.log" 2>&1; echo "gemm exit $?";

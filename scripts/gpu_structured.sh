@@ -15,7 +15,7 @@ run() {  # label, structured fraction
   echo "== $1 (exit $?): $(grep -E "^(elapsed|throughput|structured)" "$OUT/$1.log" | tr "\n" " ")"
 }
 for i in $(seq "${ROUNDS:-2}"); do run "free_$i" 0; run "half_$i" 0.5; done
-timeout "${TEST_TIMEOUT:-240}" python -m pytest -q -p no:cacheprovider tests/gpu/test_structured_gpu.py \
+timeout -s INT -k 20 "${TEST_TIMEOUT:-240}" python -m pytest -q -rfE -p no:cacheprovider tests/gpu/test_structured_gpu.py \
   ${EXTRA_TESTS:-} > "$OUT/tests.log" 2>&1
 echo "tests exit $?"; tail -25 "$OUT/tests.log"
 exit 0
