@@ -2,8 +2,8 @@
 # One device-machine call for FP8 weights: the FP8 kernel and engine GPU tests, the per-shape GEMM timings, then
 # Llama-3.1-8B's shape (dummy weights) in bf16 and with FP8 weights and KV cache: the nano-vllm workload, and one
 # request of 512 prompt tokens and 512 output tokens (single-request decode latency).
-# SKIP_TESTS=1 / SKIP_GEMM=1 / SKIP_THROUGHPUT=1 / SKIP_LATENCY=1 leave a part out, TESTS replaces the test list; KV_DECODE_ARGS, when set, runs the
-# FP8 decode kernel's sweep (benchmarks/kv_decode.py) with those flags first.
+# SKIP_TESTS=1 / SKIP_GEMM=1 / SKIP_THROUGHPUT=1 / SKIP_LATENCY=1 leave a part out, TESTS replaces the test list;
+# KV_DECODE_ARGS, when set, runs the FP8 decode kernel's sweep (benchmarks/kv_decode.py) with those flags first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
