@@ -102,8 +102,8 @@ class _Timings:
     output_ms: list[float] = field(default_factory=list)
     batch: list[int] = field(default_factory=list)  # requests in the step (decode steps only, else 0)
     num_generated: int = 0
-    finish_reasons: dict[str, int] = field(default_factory=dict)
     num_expected: int = 0  # the workload's output tokens
+    finish_reasons: dict[str, int] = field(default_factory=dict)
 
 
 def run(args: argparse.Namespace) -> _Timings:
@@ -164,6 +164,8 @@ def _wait_for_grammar(core: EngineCore, params: list[SamplingParams]) -> None:
     state = core.structured.start(spec, frozenset())
     state.compiled.exception(timeout=300)
     core.structured.poll(state)
+    if state.error is not None:
+        raise ValueError(f"the benchmark's schema did not compile: {state.error}")
 
 
 def summarise(timings: _Timings) -> dict[str, Any]:
