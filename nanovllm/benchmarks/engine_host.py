@@ -15,8 +15,8 @@ samples those rows from their grammar's bitmask as the GPU executor does (after 
 made), so the grammar work lands on the step loop as on a GPU. The stub's own time (drawing the tokens, which
 stands for the device's) is not counted.
 
-Prints the mean host time per step of the core (``EngineCore.step``) and of the output processor, for all steps
-and for the decode steps by batch size.
+Prints the mean host time per step of the core (``EngineCore.step``, as ``step_trace.StepRecorder`` records it for
+bench throughput) and of the output processor, for all steps and per kind of step.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from nanovllm.benchmarks.step_trace import StepRecord, StepRecorder, step_kind
 from nanovllm.benchmarks.throughput import constrain
 from nanovllm.benchmarks.throughput_datasets import nano_vllm_workload
 from nanovllm.config import EngineConfig
@@ -39,9 +40,6 @@ from nanovllm.engine.output_processor import OutputProcessor
 from nanovllm.executor.base import LaunchedStep, ModelOutput
 from nanovllm.executor.input_batch import HostBatch
 from nanovllm.sampling_params import SamplingParams
-
-_BUCKETS = ((1, 64), (65, 128), (129, 256), (257, 1 << 30))
-
 
 class StubExecutor:
     """An ``Executor`` whose steps finish at once with random tokens; a constrained row's token is one its
@@ -56,7 +54,6 @@ class StubExecutor:
         self.rng = np.random.default_rng(0)
         self.vocab_size = vocab_size
         self.stub_time = 0.0  # spent here since the engine last asked: it stands for the device, so it is waiting
-        self.total_stub_time = 0.0
 
     def launch(self, batch: HostBatch) -> LaunchedStep:
         start = time.perf_counter()
@@ -78,9 +75,7 @@ class StubExecutor:
         self._spent(start)
 
     def _spent(self, start: float) -> None:
-        spent = time.perf_counter() - start
-        self.stub_time += spent
-        self.total_stub_time += spent
+        self.stub_time += time.perf_counter() - start
 
     def collect(self, step: LaunchedStep) -> ModelOutput:
         return ModelOutput(token_ids=step.token_ids.tolist())
@@ -98,9 +93,8 @@ class StubExecutor:
 
 @dataclass
 class _Timings:
-    core_ms: list[float] = field(default_factory=list)
-    output_ms: list[float] = field(default_factory=list)
-    batch: list[int] = field(default_factory=list)  # requests in the step (decode steps only, else 0)
+    steps: list[StepRecord] = field(default_factory=list)  # the core's steps (host time: the stub's excluded)
+    output_ms: list[float] = field(default_factory=list)  # the output processor, per step
     num_generated: int = 0
     num_expected: int = 0  # the workload's output tokens
     finish_reasons: dict[str, int] = field(default_factory=dict)
@@ -133,13 +127,11 @@ def run(args: argparse.Namespace) -> _Timings:
         for spec in request.engine_requests:
             core.add_request(spec)
     timings = _Timings()
+    recorder = StepRecorder(core)
     profiler = cProfile.Profile() if args.profile else None
     if profiler is not None:
         profiler.enable()
     while core.has_unfinished():
-        running = core.scheduler.num_running
-        decoding = all(r.num_computed_tokens >= r.num_prompt_tokens for r in core.scheduler.running)
-        start, stub_before = time.perf_counter(), executor.total_stub_time
         step_outputs = core.step()
         stepped = time.perf_counter()
         for output in outputs.process(step_outputs).outputs:
@@ -147,13 +139,13 @@ def run(args: argparse.Namespace) -> _Timings:
                 if completion.finish_reason is not None:
                     reasons = timings.finish_reasons
                     reasons[completion.finish_reason] = reasons.get(completion.finish_reason, 0) + 1
-        timings.core_ms.append(1e3 * (stepped - start - (executor.total_stub_time - stub_before)))
         timings.output_ms.append(1e3 * (time.perf_counter() - stepped))
-        timings.batch.append(running if decoding and not core.scheduler.num_waiting else 0)
-    timings.num_generated, timings.num_expected = core.stats.num_generated_tokens, sum(workload.max_tokens)
     if profiler is not None:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
+    recorder.detach()
+    timings.steps = recorder.records
+    timings.num_generated, timings.num_expected = core.stats.num_generated_tokens, sum(workload.max_tokens)
     return timings
 
 
@@ -169,13 +161,16 @@ def _wait_for_grammar(core: EngineCore, params: list[SamplingParams]) -> None:
 
 
 def summarise(timings: _Timings) -> dict[str, Any]:
-    core, output, batch = map(np.asarray, (timings.core_ms, timings.output_ms, timings.batch))
-    groups = {"all steps": np.ones_like(batch, dtype=bool)}
-    groups.update({f"decode {lo}-{hi}" if hi < 1 << 30 else f"decode {lo}+": (batch >= lo) & (batch <= hi)
-                   for lo, hi in _BUCKETS})
+    """Per kind of step (bench throughput's kinds) and over all: how many, the mean host time in the core and in
+    the output processor."""
+    core = np.asarray([record.host_ms for record in timings.steps])
+    output = np.asarray(timings.output_ms)
+    kinds = np.asarray([step_kind(record) for record in timings.steps])
+    groups = {"all steps": np.ones(len(kinds), dtype=bool)}
+    groups.update({kind: kinds == kind for kind in dict.fromkeys(kinds)})  # in order of first appearance
     steps = {name: {"steps": int(mask.sum()), "core_ms": float(core[mask].mean()),
                     "output_ms": float(output[mask].mean())}
-             for name, mask in groups.items() if mask.any()}
+             for name, mask in groups.items()}
     return {"steps": steps, "generated_tokens": timings.num_generated, "expected_tokens": timings.num_expected,
             "finish_reasons": timings.finish_reasons}
 

@@ -99,16 +99,19 @@ class StepRecorder:
             json.dump([asdict(r) for r in self.records], f)
 
 
+def step_kind(record: StepRecord) -> str:
+    """"with prefill", or the decode-only step's batch size bucket ("decode 129-256")."""
+    if record.num_prefill_tokens:
+        return "with prefill"
+    low, high = next(b for b in _DECODE_BUCKETS if b[0] <= max(record.num_decodes, 1) <= b[1])
+    return f"decode {low}-{high}" if high < (1 << 30) else f"decode {low}+"
+
+
 def summarise(records: list[StepRecord]) -> list[dict[str, Any]]:
     """One row per kind of step: how many, their total and mean wall time, and the host's mean share."""
     groups: dict[str, list[StepRecord]] = {}
     for r in records:
-        if r.num_prefill_tokens:
-            key = "with prefill"
-        else:
-            low, high = next(b for b in _DECODE_BUCKETS if b[0] <= max(r.num_decodes, 1) <= b[1])
-            key = f"decode {low}-{high}" if high < (1 << 30) else f"decode {low}+"
-        groups.setdefault(key, []).append(r)
+        groups.setdefault(step_kind(r), []).append(r)
     rows = []
     for key, group in groups.items():
         wall = sum(r.wall_ms for r in group)

@@ -109,7 +109,7 @@ class EngineCore:
         if not self.scheduler.has_unfinished() and self.num_micro_batches == 1:
             # its results would belong to no one; the device finishes it regardless (a pipeline's stages are still
             # collected, since its ranks expect every launched step's messages to be received)
-            self._join_grammar_step()
+            self._drop_grammar_step()
             self.in_flight.clear()
             self._to_accept.clear()
 
@@ -214,7 +214,7 @@ class EngineCore:
     def _start_grammar_step(self, launched: _InFlight | None) -> None:
         """The matchers take the collected tokens, then ``launched``'s bitmask is made."""
         if self._grammar_step is not None:
-            raise RuntimeError("a grammar step is still running")
+            raise RuntimeError("a grammar step is still pending")
         sampled, self._to_accept = self._to_accept, []
         to_fill = None
         if launched is not None:
@@ -252,10 +252,10 @@ class EngineCore:
                 updated.append((request, None, None))
         return left_step
 
-    def _join_grammar_step(self) -> None:
-        """Wait for a running grammar step and drop its results (its requests are gone)."""
+    def _drop_grammar_step(self) -> None:
+        """Drop a grammar step's results (its requests are gone)."""
         work, self._grammar_step = self._grammar_step, None
-        if work is not None and work.result.exception() is not None:  # waits; an error here has no one to go to
+        if work is not None and work.result.exception() is not None:  # an error here has no one to go to
             logger.warning("a dropped grammar step had failed: %r", work.result.exception())
 
     def wait_for_grammars(self, timeout: float) -> None:
