@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels import INTERPRET, num_sms
-from nanovllm.kernels.fp8_quant import AMAX_FLOOR, FP8_MAX, quantize_tile, scale_of
+from nanovllm.kernels.fp8_quant import AMAX_FLOOR, FP8_MAX, fp8_tile_dot, quantize_tile, scale_of
 
 BLOCK = 128  # the weight's block shape (and the activation group)
 
@@ -82,10 +82,7 @@ def _block_gemm_kernel(
         xq = quantize_tile(x, x_scale[:, None], EMULATE)
         w = tl.load(w_ptr + offs_wn[None, :] * stride_wn + (k0 + offs_k)[:, None], mask=k_ok[:, None], other=0.0)
         w_scale = tl.load(ws_ptr + (offs_wn // BLOCK_K) * stride_wsn + k0 // BLOCK_K)
-        if EMULATE:  # the interpreter's dot: float32 operands (fp8 products are exact in float32)
-            part = tl.dot(xq.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-        else:
-            part = tl.dot(xq, w)
+        part = fp8_tile_dot(xq, w, EMULATE, x_ptr.dtype.element_ty == tl.float32)
         acc += part * x_scale[:, None] * w_scale[None, :]
     out = out_ptr + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < N)[None, :])

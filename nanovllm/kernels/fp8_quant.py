@@ -49,6 +49,24 @@ def quantize_tile(x, scale, EMULATE: tl.constexpr):
     return fp8_round(tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX), EMULATE)
 
 
+@triton.jit
+def fp8_tile_dot(xq, w, EMULATE: tl.constexpr, PRECISE: tl.constexpr):
+    """``xq @ w`` of two FP8 tiles, in float32.
+
+    Hopper's FP8 ``wgmma`` (tiles of 64 rows and more) keeps fewer bits than float32 while it sums, and Triton lets
+    it sum a whole tile: on an H100 the fused MoE's float32 output differed from its float64 reference by 2.8e-3
+    (relative norm) at 64-row tiles against 3.8e-5 at 16 and 32. PRECISE (a float32 model) allows no imprecise
+    sums; for sm_90 Triton then emits ``mma.sync`` on f16 operands (every FP8 value is exact in f16) with float32
+    sums instead of ``wgmma``: slower, as float32 is anyway. bf16 models keep the fast sums, whose error is far
+    below bf16's own rounding."""
+    if EMULATE:  # the interpreter's dot: float32 operands (fp8 products are exact in float32)
+        return tl.dot(xq.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+    elif PRECISE:
+        return tl.dot(xq, w, max_num_imprecise_acc=0)
+    else:
+        return tl.dot(xq, w)
+
+
 @triton.jit(do_not_specialize=["num_rows"])
 def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, num_rows, stride_xm, stride_qm, stride_sm, stride_sg,
                        K: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, STATIC: tl.constexpr,

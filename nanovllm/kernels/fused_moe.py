@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels import INTERPRET
-from nanovllm.kernels.fp8_quant import quantize_tile, scale_of
+from nanovllm.kernels.fp8_quant import fp8_tile_dot, quantize_tile, scale_of
 
 
 @dataclass(frozen=True)
@@ -225,10 +225,7 @@ def _fp8_dot(a, b, b_scale_ptrs, acc, EMULATE: tl.constexpr):
     af = a.to(tl.float32)
     a_scale = scale_of(tl.max(tl.abs(af), 1))
     aq = quantize_tile(af, a_scale[:, None], EMULATE)
-    if EMULATE:
-        part = tl.dot(aq.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        part = tl.dot(aq, b)
+    part = fp8_tile_dot(aq, b, EMULATE, a.dtype == tl.float32)
     return acc + part * a_scale[:, None] * tl.load(b_scale_ptrs)[None, :]
 
 
