@@ -30,7 +30,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rows", type=int, default=128, help="constrained rows per step")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--backend", default="xgrammar", choices=["xgrammar", "llguidance"])
+    parser.add_argument("--batch-threads", type=int, default=None,
+                        help="xgrammar's native threads for a step's rows (default: the engine's)")
     args = parser.parse_args(argv)
+    if args.batch_threads is not None:
+        from nanovllm.engine.structured_output import xgrammar_backend
+
+        xgrammar_backend.BATCH_THREADS = args.batch_threads
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     vocab_size = args.vocab_size or len(tokenizer)
@@ -63,7 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     manager.shutdown()
     result = {"rows": args.rows, "steps": steps, "tokens": tokens, "fill_ms_per_step": 1e3 * fill_s / steps,
               "accept_ms_per_step": 1e3 * accept_s / steps, "accept_us_per_token": 1e6 * accept_s / tokens}
-    print(f"{args.backend}, {args.rows} rows, head of {vocab_size:,} ids, tokenizer of {len(tokenizer):,}: "
+    threads = f" (batch threads {args.batch_threads})" if args.batch_threads is not None else ""
+    print(f"{args.backend}{threads}, {args.rows} rows, head of {vocab_size:,} ids, tokenizer of {len(tokenizer):,}: "
           f"{steps} steps, {tokens:,} tokens; per step: bitmask {result['fill_ms_per_step']:.2f} ms, accept "
           f"{result['accept_ms_per_step']:.2f} ms ({result['accept_us_per_token']:.1f} us a token)")
     return result

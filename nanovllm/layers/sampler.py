@@ -133,7 +133,12 @@ class Sampler(nn.Module):
                 or batch.conditional_bans is not None):
             logits = _apply_logit_controls(logits, batch)
         if batch.grammar_bitmask is not None:
-            logits = apply_token_bitmask(logits, batch.grammar_rows, batch.grammar_bitmask)
+            if logits.is_cuda:  # in place: log-probs were taken before, and nothing reads these logits after
+                from nanovllm.kernels.token_bitmask import mask_disallowed_
+
+                mask_disallowed_(logits, batch.grammar_rows, batch.grammar_bitmask)
+            else:
+                logits = apply_token_bitmask(logits, batch.grammar_rows, batch.grammar_bitmask)
         if batch.all_greedy:
             return logits.argmax(dim=-1)
         is_random = batch.temperatures > 0

@@ -13,6 +13,12 @@ from nanovllm.sampling_params import StructuredOutputsParams
 # escapes; the same bounds as a pattern of plain characters admit valid JSON only.
 _PLAIN_CHARS = '[^"\\\\\\x00-\\x1f]'
 
+# Native threads that fill a step's bitmask rows and advance its matchers. A row of a JSON schema takes a few
+# microseconds, less than handing it to a thread: on a 16-core host (H100 machine, 128 rows of bench throughput's
+# schema, ``python -m nanovllm.benchmarks.grammar_step --batch-threads N``) xgrammar's default of half the cores
+# took 1.29 ms a step to fill them, one thread 0.49 ms.
+BATCH_THREADS = 1
+
 
 def _safe_strings(schema: Any) -> Any:
     """``schema`` with every length-bounded plain string rewritten as a pattern of plain characters."""
@@ -53,9 +59,7 @@ class XGrammarBackend:
         self.tokenizer_info = xgr.TokenizerInfo.from_vocab_and_metadata(vocab, info.dump_metadata())
         self.compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=2)
         self.words = (grammar_vocab + 31) // 32  # int32 words of a bitmask row
-        # a step's rows filled by a pool of native threads: one row after another, they cost the step loop
-        # tens of microseconds each
-        self._batch = xgr.BatchGrammarMatcher()
+        self._batch = xgr.BatchGrammarMatcher(BATCH_THREADS)
 
     @staticmethod
     def validate(spec: StructuredOutputsParams) -> None:
