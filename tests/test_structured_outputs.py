@@ -146,6 +146,7 @@ def test_a_stop_token_beyond_the_tokenizer_still_gives_a_grammar(qwen3_dir: str,
     assert state.error is None
     for token in tokenizer.encode("no", add_special_tokens=False):
         mask = manager.bitmask([state.matcher])
+        assert mask.shape[1] == (len(tokenizer) + 31) // 32  # the tokenizer's ids, not the padded head's
         assert mask[0, token // 32] >> (token % 32) & 1
         # as the sampler reads it, over the model's whole head: nothing past the tokenizer is ever allowed
         logits = apply_token_bitmask(torch.zeros(1, vocab), torch.tensor([0]), torch.from_numpy(mask))

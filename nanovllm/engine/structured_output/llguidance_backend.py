@@ -32,11 +32,14 @@ class LLGuidanceBackend:
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: frozenset[int]) -> None:
         import llguidance.hf
 
+        # the tokenizer's own ids, as the xgrammar backend: a head padded past them adds bitmask words that only
+        # ever say no (the sampler refuses every id past the bitmask)
+        grammar_vocab = min(vocab_size, max(tokenizer.get_vocab().values()) + 1)
         # llguidance refuses stop tokens beyond the tokenizer's own vocabulary (a model padded past it, or a
         # benchmark pairing dummy weights with another model's tokenizer): those are left to the engine's EOS check
-        stops = sorted(t for t in stop_token_ids if t < len(tokenizer)) or [tokenizer.eos_token_id]
-        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=stops)
-        self.words = (vocab_size + 31) // 32
+        stops = sorted(t for t in stop_token_ids if t < grammar_vocab) or [tokenizer.eos_token_id]
+        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=grammar_vocab, eos_token=stops)
+        self.words = (grammar_vocab + 31) // 32
         self._executor = llguidance.LLExecutor()
 
     @staticmethod
