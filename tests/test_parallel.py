@@ -5,6 +5,7 @@ engine is up, and other waits are bounded by ``startup_limit_s``, which grows on
 from __future__ import annotations
 
 import gc
+import json
 import os
 import select
 import signal
@@ -135,6 +136,39 @@ def test_same_tokens_as_one_process(model: str, layout: str) -> None:
         assert not any(shared_at_launch)
     else:
         assert any(shared_at_launch)
+
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["id", "tag"],
+          "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99}, "tag": {"enum": ["a", "bb"]}}}
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_structured_outputs_as_one_process(qwen3_dir: str, layout: str) -> None:
+    """Every rank that samples takes the step's grammar bitmask at launch (``samples_later`` is False here): the
+    constrained outputs, and an unconstrained one batched with them, are the single process's tokens."""
+    pytest.importorskip("xgrammar")
+    jsonschema = pytest.importorskip("jsonschema")
+    from nanovllm.sampling_params import StructuredOutputsParams
+
+    constraint = StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)
+    params = [SamplingParams(temperature=1.0, seed=seed, max_tokens=40, structured_outputs=constraint)
+              for seed in (1, 2)] + [SamplingParams(temperature=1.0, seed=3, max_tokens=12, ignore_eos=True)]
+
+    def outputs(llm: LLM) -> list[list[int]]:
+        try:
+            return [o.token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+        finally:
+            llm.shutdown()
+
+    expected = outputs(make_llm(qwen3_dir))
+    tp, pp = LAYOUTS[layout]
+    llm = make_llm(qwen3_dir, tp, pp, async_scheduling=True)
+    assert not llm.engine.core.executor.samples_later
+    tokenizer = llm.engine.tokenizer
+    got = outputs(llm)
+    assert got == expected
+    for tokens in got[:2]:
+        jsonschema.validate(json.loads(tokenizer.decode(tokens, skip_special_tokens=True)), SCHEMA)
 
 
 def test_layer_split() -> None:

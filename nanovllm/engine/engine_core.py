@@ -45,17 +45,6 @@ class _InFlight:
     grammar_rows: list[int] = field(default_factory=list)  # sampled rows whose grammar bitmask is still to come
 
 
-@dataclass
-class _GrammarStep:
-    """Matcher work done after a collect: the matchers take the collected tokens, then the bitmask of ``launched``
-    (a step launched without it) is made. Its results are applied (``_finish_grammar_step``: ``launched`` sampled,
-    ended requests taken out) before anything new is queued on the device, and before ``launched`` is collected."""
-
-    result: futures.Future  # (accepted flags, bitmask or None)
-    sampled: list[tuple[Request, int]]  # the constrained rows' tokens being accepted
-    launched: _InFlight | None
-
-
 # (request, its new token or None for none, its logprobs) for one output of a step
 _Update = tuple[Request, int | None, "dict[int, float] | None"]
 
@@ -86,7 +75,6 @@ class EngineCore:
         self.max_in_flight = (num_micro_batches - 1) + (1 if self.overlap else 0)
         self.in_flight: deque[_InFlight] = deque()
         self._to_accept: list[tuple[Request, int]] = []  # collected tokens of constrained rows, for their matchers
-        self._grammar_step: _GrammarStep | None = None
         self._progressed = True  # whether the last step() collected a step or gave an output
 
     @property
@@ -109,7 +97,6 @@ class EngineCore:
         if not self.scheduler.has_unfinished() and self.num_micro_batches == 1:
             # its results would belong to no one; the device finishes it regardless (a pipeline's stages are still
             # collected, since its ranks expect every launched step's messages to be received)
-            self._drop_grammar_step()
             self.in_flight.clear()
             self._to_accept.clear()
 
@@ -118,13 +105,13 @@ class EngineCore:
         self.scheduler.finish_request(request_id, RequestStatus.FINISHED_STOPPED, stop_reason)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self.in_flight) or self._grammar_step is not None
+        return self.scheduler.has_unfinished() or bool(self.in_flight)
 
     def step(self) -> list[EngineCoreOutput]:
         """One scheduling round. With overlap, step N+1 is scheduled and queued on the device before step N's
         results are read back, so the host's work hides behind the device's; results arrive one call late. With
         micro-batches, up to ``max_in_flight`` steps stay launched; the oldest is collected when a newer one is
-        launched, or when nothing new could be scheduled. Constrained rows: see ``_GrammarStep``."""
+        launched, or when nothing new could be scheduled. Constrained rows: see ``_advance_grammars``."""
         start, steps_before = time.perf_counter(), self.stats.num_steps
         failed = self._poll_grammars()
         # the named ranges show up in a torch profiler trace (bench throughput --profile)
@@ -137,30 +124,19 @@ class EngineCore:
                 constrained = any(chunk.request.grammar for chunk in sched.sampled_chunks)
                 if constrained and not self.executor.samples_later:
                     # the bitmask goes with the launch, and needs every earlier token accepted
-                    self._finish_grammar_step(updated, sched)
                     while self.in_flight:
                         updated += self._collect_oldest()
-                    self._start_grammar_step(None)
-                host = self._build(sched, failed)
-                if self._grammar_step is not None:
-                    # ended requests leave the step; rebuilding its arrays is rare (a grammar just completed)
-                    if self._finish_grammar_step(updated, sched) and not sched.is_empty:
-                        host = self._build(sched, failed)
-                if not sched.is_empty:
-                    launched = self._launch(sched, host)
-        else:
-            self._finish_grammar_step(updated)
+                    self._advance_grammars(updated, None, sched)
+                if not sched.is_empty:  # (the grammars may have ended every request of it)
+                    launched = self._launch(sched, self._build(sched, failed))
         awaiting_mask = launched if launched is not None and launched.grammar_rows else None
         if self.in_flight and (len(self.in_flight) > self.max_in_flight or sched.is_empty):
             if awaiting_mask is not None and self.in_flight[0] is awaiting_mask:  # collected at once: sample first
-                self._start_grammar_step(awaiting_mask)
-                self._finish_grammar_step(updated)
+                self._advance_grammars(updated, awaiting_mask)
                 awaiting_mask = None
             updated += self._collect_oldest()
         if self._to_accept or awaiting_mask is not None:
-            self._start_grammar_step(awaiting_mask)
-        if self._grammar_step is not None and (not self.overlap or sched.is_empty or not self.in_flight):
-            self._finish_grammar_step(updated)  # no next step to hide it behind
+            self._advance_grammars(updated, awaiting_mask)
         updated = [(r, -1, None) for r in failed] + updated
         step_time = time.perf_counter() - start
         self.stats.step_time_s += step_time
@@ -211,38 +187,33 @@ class EngineCore:
         self._count(done.sched, sum(1 for _, token, _ in updates if token >= 0))
         return updates
 
-    def _start_grammar_step(self, launched: _InFlight | None) -> None:
-        """The matchers take the collected tokens, then ``launched``'s bitmask is made."""
-        if self._grammar_step is not None:
-            raise RuntimeError("a grammar step is still pending")
-        sampled, self._to_accept = self._to_accept, []
-        to_fill = None
-        if launched is not None:
-            chunks = launched.sched.sampled_chunks
-            to_fill = [chunks[row].request.grammar.matcher for row in launched.grammar_rows]
-        result = self.structured.advance_then_fill(
-            [request.grammar.matcher for request, _ in sampled], [token for _, token in sampled], to_fill)
-        self._grammar_step = _GrammarStep(result, sampled, launched)
+    def _advance_grammars(self, updated: list[_Update], launched: _InFlight | None,
+                          sched: SchedulerOutput | None = None) -> None:
+        """The matchers take the collected tokens; ``launched`` (a step launched without its bitmask) gets the
+        bitmask and is sampled; requests whose grammar refused a token or can take no more end, each with an output
+        of no new token (and leave ``sched``, a step not yet launched).
 
-    def _finish_grammar_step(self, updated: list[_Update], sched: SchedulerOutput | None = None) -> bool:
-        """Join the grammar step: sample the step that waited for its bitmask, and end the requests whose grammar
-        refused a token or can take no more (each with an output of no new token; out of ``sched`` too, a step not
-        yet launched). Whether any left ``sched``."""
-        work, self._grammar_step = self._grammar_step, None
-        if work is None:
-            return False
+        Done on the step loop's thread, right after a collect: the backends release the GIL in every call, and a
+        second thread taking it back waits up to the interpreter's switch interval (5 ms) while the loop runs
+        Python, so on a thread of its own this work (a few hundred microseconds) finished only when the loop
+        blocked on it (``python -m nanovllm.benchmarks.engine_host --structured-fraction 0.5``). The forward of
+        ``launched`` is already queued, so the device runs it meanwhile."""
+        sampled, self._to_accept = self._to_accept, []
         with record_function("nanovllm.grammar"):
-            accepted, bitmask = work.result.result()
-            if work.launched is not None:
-                self.executor.sample(work.launched.step, bitmask)
-                work.launched.grammar_rows = []
-        left_step = False
+            accepted = self.structured.accept([request.grammar.matcher for request, _ in sampled],
+                                              [token for _, token in sampled])
+            if launched is not None:
+                chunks = launched.sched.sampled_chunks
+                bitmask = self.structured.bitmask([chunks[row].request.grammar.matcher
+                                                   for row in launched.grammar_rows])
+                self.executor.sample(launched.step, bitmask)
+                launched.grammar_rows = []
         reported = None
-        for (request, token), ok in zip(work.sampled, accepted):
+        for (request, token), ok in zip(sampled, accepted):
             if request.is_finished or (ok and not request.grammar.matcher.is_terminated()):
                 continue
             if sched is not None:
-                left_step |= self.scheduler.take_out_of_step(request, sched)
+                self.scheduler.take_out_of_step(request, sched)
             if ok:
                 self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
             else:
@@ -250,13 +221,6 @@ class EngineCore:
             reported = reported if reported is not None else {id(r) for r, _, _ in updated}
             if id(request) not in reported:  # else its token's output, made after this, carries the finish
                 updated.append((request, None, None))
-        return left_step
-
-    def _drop_grammar_step(self) -> None:
-        """Drop a grammar step's results (its requests are gone)."""
-        work, self._grammar_step = self._grammar_step, None
-        if work is not None and work.result.exception() is not None:  # an error here has no one to go to
-            logger.warning("a dropped grammar step had failed: %r", work.result.exception())
 
     def wait_for_grammars(self, timeout: float) -> None:
         """Block until a compiling grammar is ready, or ``timeout`` seconds: when only such requests are left, a

@@ -107,22 +107,5 @@ class StructuredOutputManager:
         """Each matcher takes its token (all at once, on the backend's threads); whether each was allowed."""
         return self._backend.accept_tokens(matchers, tokens) if matchers else []
 
-    def advance_then_fill(self, matchers: list[Any], tokens: list[int], to_fill: list[Any] | None) -> Future:
-        """``accept(matchers, tokens)``, then (unless ``to_fill`` is None) the ``bitmask`` of ``to_fill``, done now
-        on the caller's thread: a completed future of (accepted flags, bitmask or None), raising any error where it
-        is read.
-
-        Not on a thread of its own: the backends release the GIL in every call, and a thread taking it back waits
-        up to the interpreter's switch interval (5 ms) while the step loop runs Python. On a second thread this
-        work (a few hundred microseconds) finished only once the loop blocked on it, and a step took longer than
-        with the work done here (``python -m nanovllm.benchmarks.engine_host --structured-fraction 0.5``)."""
-        result: Future = Future()
-        try:
-            accepted = self.accept(matchers, tokens)
-            result.set_result((accepted, None if to_fill is None else self.bitmask(to_fill)))
-        except Exception as exc:  # noqa: BLE001 - raised where the engine reads the result
-            result.set_exception(exc)
-        return result
-
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
