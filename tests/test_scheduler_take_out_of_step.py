@@ -1,10 +1,11 @@
 """A request that leaves a step before launch (``Scheduler.take_out_of_step``, used when its grammar ended while the
 step was being scheduled, and by ``fail_request``) must not leave KV that was never computed in the prefix cache.
 
-Scenario in the engine: with overlap, a constrained request is preempted while its last token is still being
-accepted by its matcher in a grammar step whose results are not yet applied; it is re-admitted in the next schedule (a recompute chunk), then the
-grammar step reports its grammar complete, so its chunk is taken out of the unlaunched step and the request ends.
-Its pages are freed into the prefix cache up to ``num_computed_tokens``, which still counted the removed chunk."""
+Scenario in the engine: on tensor or pipeline ranks (the bitmask goes with the launch), a constrained request is
+preempted while its last token is still in flight; it is re-admitted in the next schedule (a recompute chunk), then
+its matcher takes that token and reports the grammar complete, so its chunk is taken out of the unlaunched step and
+the request ends. Its pages are freed into the prefix cache up to ``num_computed_tokens``, which still counted the
+removed chunk."""
 from __future__ import annotations
 
 from nanovllm.engine.kv_manager import KVCacheManager
